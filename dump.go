@@ -1,0 +1,70 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"strconv"
+)
+
+// dumpFile writes the state file at path (a snapshot or a Perl save file) to
+// w as Perl save-file lines: every I line, then every G line. Nothing is
+// filtered out. Keys held only as fingerprints are written as "#<hex>".
+func dumpFile(path string, w io.Writer) error {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("cannot open %q: %w", path, err)
+	}
+	if err != nil {
+		return fmt.Errorf("cannot read %q: %w", path, err)
+	}
+	type entry struct {
+		k [2]uint64
+		t uint32
+	}
+	var known, grey []entry
+	add := func(kind int, k [2]uint64, t uint32) bool {
+		if kind == blockKnown {
+			known = append(known, entry{k, t})
+		} else {
+			grey = append(grey, entry{k, t})
+		}
+		return true
+	}
+	if bytes.HasPrefix(data, snapshotPrefix) {
+		_, err = decodeSnapshot(data, add)
+	} else if len(data) > 0 {
+		_, err = readPerlSave(bytes.NewReader(data), add)
+	}
+	if err != nil {
+		return fmt.Errorf("%q: %w", path, err)
+	}
+	bw := bufio.NewWriter(w)
+	var line []byte
+	for _, e := range known {
+		line = append(line[:0], "I "...)
+		line = strconv.AppendUint(line, uint64(e.t), 10)
+		line = append(line, ' ')
+		if addr, ok := clientKey(e.k).addr(); ok {
+			line = addr.AppendTo(line)
+		} else {
+			line = appendFingerprint(line, e.k)
+		}
+		bw.Write(append(line, '\n'))
+	}
+	for _, e := range grey {
+		line = append(line[:0], "G "...)
+		line = strconv.AppendUint(line, uint64(e.t), 10)
+		line = append(line, ' ')
+		line = appendFingerprint(line, e.k)
+		bw.Write(append(line, '\n'))
+	}
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("cannot write dump: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,248 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"math"
+	"net/netip"
+	"sync/atomic"
+	"time"
+)
+
+// This file holds the greylisting decision, independent of any wire format:
+// the qmail UDP protocol (proto.go) and later front ends call checkClient
+// once per request and checkRecipient once per recipient.
+
+// A Verdict is the answer to a request. Its two bytes are the reply the qmail
+// protocol sends: the high byte is 1 to accept and 0 to greylist, the low
+// byte says why.
+type Verdict uint16
+
+// The verdicts, as listed in protocol.md §3.
+const (
+	AcceptWhitelisted Verdict = 0x0101 // client IP is in the whitelist
+	AcceptKnownIP     Verdict = 0x0102 // client IP passed greylisting recently
+	AcceptRetried     Verdict = 0x0103 // every recipient was a good retry, or none was given
+	AcceptBounce      Verdict = 0x0104 // null sender and a VERP-looking recipient
+	GreyNew           Verdict = 0x0001 // new triplet recorded
+	GreyTooSoon       Verdict = 0x0002 // retried before the minimum delay
+	GreyStale         Verdict = 0x0003 // retried after the resend window; restarted
+)
+
+// Accepts reports whether v lets the message through.
+func (v Verdict) Accepts() bool { return v>>8 != 0 }
+
+// Event returns the word the decision log uses for v, as the Perl daemon
+// logs it.
+func (v Verdict) Event() string {
+	switch v {
+	case AcceptWhitelisted:
+		return "white"
+	case AcceptKnownIP:
+		return "ok ip"
+	case AcceptRetried:
+		return "retry ok"
+	case AcceptBounce:
+		return "bounce"
+	case GreyNew:
+		return "new grey"
+	case GreyTooSoon:
+		return "retry too soon"
+	case GreyStale:
+		return "stale grey"
+	}
+	return "unknown verdict"
+}
+
+// Policy holds the greylisting time limits, in whole seconds (fractional
+// settings rounded up, which for whole-second ages is the same test).
+type Policy struct {
+	KnownIPLifetime uint32 // -t: a known IP is accepted for this long after it was last seen
+	ResendWindow    uint32 // -g: a retry must come within this long of the first attempt
+	MinResendDelay  uint32 // -m: a retry must come at least this long after the first attempt
+}
+
+// staleGrace is how long a grey triplet is held after its resend window
+// ends, so that a retry just past the window gets the Perl daemon's "stale"
+// answer rather than "new".
+const staleGrace = 60
+
+// policyFromConfig converts the durations of c to whole seconds.
+func policyFromConfig(c *Config) Policy {
+	return Policy{
+		KnownIPLifetime: ceilSeconds(c.KnownIPLifetime.Duration),
+		ResendWindow:    ceilSeconds(c.ResendWindow.Duration),
+		MinResendDelay:  ceilSeconds(c.MinResendDelay.Duration),
+	}
+}
+
+// ceilSeconds returns d in whole seconds, rounded up, at most MaxUint32-1.
+func ceilSeconds(d time.Duration) uint32 {
+	s := (d + time.Second - 1) / time.Second
+	if s >= math.MaxUint32 {
+		return math.MaxUint32 - 1
+	}
+	return uint32(max(s, 0))
+}
+
+// expiry returns when the table may forget entries under p.
+func (p Policy) expiry() expiry {
+	grey := uint64(p.ResendWindow) + staleGrace
+	return expiry{knownLifetime: p.KnownIPLifetime, greyLifetime: uint32(min(grey, math.MaxUint32))}
+}
+
+// A Greylister makes greylisting decisions against a table. It is safe for
+// concurrent use.
+type Greylister struct {
+	table     *table
+	policy    Policy
+	whitelist atomic.Pointer[Whitelist]
+	now       func() time.Time
+}
+
+// NewGreylister returns a Greylister over t. now is its clock; tests pass a
+// fake one.
+func NewGreylister(t *table, p Policy, wl *Whitelist, now func() time.Time) *Greylister {
+	g := &Greylister{table: t, policy: p, now: now}
+	if wl == nil {
+		wl = &Whitelist{}
+	}
+	g.whitelist.Store(wl)
+	return g
+}
+
+// clock returns the current unix time in seconds as the table stores it.
+func (g *Greylister) clock() uint32 {
+	s := g.now().Unix()
+	if s < 0 {
+		return 0
+	}
+	return uint32(min(s, math.MaxUint32))
+}
+
+// A Client is a request's client address, parsed once.
+type Client struct {
+	key  clientKey
+	addr netip.Addr // valid when isIP
+	isIP bool
+}
+
+// ParseClient parses the client field of a request. Text that is not an IP
+// address is a valid client keyed by its exact bytes; it never matches the
+// whitelist.
+func ParseClient(raw []byte) Client {
+	k, addr, ok := makeClientKey(raw)
+	return Client{key: k, addr: addr, isIP: ok}
+}
+
+// checkClient decides the request on its client alone, as steps 2 and 3 of
+// protocol.md §4 do: a whitelisted client is accepted, and so is a known IP,
+// whose last-seen time then moves to now. It reports false when the
+// recipients must be examined.
+func (g *Greylister) checkClient(c Client, now uint32) (Verdict, bool) {
+	if c.isIP && g.whitelist.Load().Contains(c.addr) {
+		return AcceptWhitelisted, true
+	}
+	if g.table.refreshKnown(c.key, now, g.policy.KnownIPLifetime) {
+		return AcceptKnownIP, true
+	}
+	return 0, false
+}
+
+// A recipientResult is what checkRecipient found for one recipient.
+type recipientResult uint8
+
+const (
+	rcptBounce  recipientResult = iota // bounce rule: accept, examine nothing more
+	rcptNew                            // new triplet recorded
+	rcptTooSoon                        // retried too soon
+	rcptRetryOK                        // good retry; the client is now known
+	rcptStale                          // stale triplet restarted
+)
+
+// isNullSender reports whether sender, once its spaces are removed, is empty
+// or ".", which the Perl daemon treats alike.
+func isNullSender(sender []byte) bool {
+	seenDot := false
+	for _, c := range sender {
+		switch {
+		case c == ' ':
+		case c == '.' && !seenDot:
+			seenDot = true
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// looksLikeVERP reports whether rcpt contains a '-' followed later by '=',
+// the Perl daemon's /-.*=/.
+func looksLikeVERP(rcpt []byte) bool {
+	i := bytes.IndexByte(rcpt, '-')
+	return i >= 0 && bytes.IndexByte(rcpt[i+1:], '=') >= 0
+}
+
+var nullSender = []byte(".")
+
+// checkRecipient decides one recipient of a request from client c with the
+// given sender, as step 5 of protocol.md §4 does, and records what it must:
+// a new or stale triplet, and the client as known after a good retry. kb is
+// the caller's scratch space.
+func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, sender, rcpt []byte, now uint32) recipientResult {
+	null := isNullSender(sender)
+	if null && looksLikeVERP(rcpt) {
+		return rcptBounce
+	}
+	if null {
+		sender = nullSender
+	}
+	exp := g.policy.expiry()
+	k := kb.triplet(c.key, sender, rcpt)
+	switch g.table.observeTriplet(k, now, g.policy.MinResendDelay, g.policy.ResendWindow, exp) {
+	case greyTooSoon:
+		return rcptTooSoon
+	case greyRetryOK:
+		g.table.markKnown(c.key, now, exp)
+		return rcptRetryOK
+	case greyStale:
+		return rcptStale
+	default:
+		return rcptNew
+	}
+}
+
+// combine folds one recipient's result into the verdict of a multi-recipient
+// request the way the Perl daemon's loop does: the last assignment wins, a
+// good retry assigns nothing, and the bounce rule ends the loop. The first
+// verdict is AcceptRetried.
+func combine(v Verdict, r recipientResult) (next Verdict, stop bool) {
+	switch r {
+	case rcptBounce:
+		return AcceptBounce, true
+	case rcptNew:
+		return GreyNew, false
+	case rcptTooSoon:
+		return GreyTooSoon, false
+	case rcptStale:
+		return GreyStale, false
+	}
+	return v, false
+}
+
+// sweep runs until ctx is done, sweeping one shard of the table every
+// interval/len(shards), so that each shard is swept once per interval and no
+// lock is held for long.
+func (g *Greylister) sweep(ctx context.Context, interval time.Duration) {
+	n := len(g.table.shards)
+	tick := time.NewTicker(max(interval/time.Duration(n), time.Millisecond))
+	defer tick.Stop()
+	for i := 0; ; i = (i + 1) % n {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			g.table.sweepShard(i, g.clock(), g.policy.expiry())
+		}
+	}
+}

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// A server answers qmail greylisting requests on one UDP socket with a fixed
+// set of reader goroutines, each owning its buffers, so that serving a
+// request allocates nothing.
+type server struct {
+	g     *Greylister
+	conn  *net.UDPConn
+	dlog  *decisionLog // decision lines; nil logs nothing
+	log   *logger
+	debug bool
+
+	stats serverStats
+}
+
+// serverStats counts what the server did. The counters are updated
+// atomically.
+type serverStats struct {
+	requests    atomic.Uint64 // datagrams received
+	malformed   atomic.Uint64 // datagrams that got no reply
+	replies     atomic.Uint64 // replies sent
+	writeErrors atomic.Uint64 // replies that could not be sent
+	readErrors  atomic.Uint64 // failed reads other than the socket closing
+}
+
+// A worker is one reader goroutine's scratch space.
+type worker struct {
+	buf   []byte // the datagram; one byte more than the largest accepted
+	reply []byte
+	line  []byte
+	kb    keyBuilder
+}
+
+func newWorker() *worker {
+	return &worker{
+		buf:   make([]byte, maxRequestSize+1),
+		reply: make([]byte, 0, 2),
+		line:  make([]byte, 0, 512),
+		kb:    keyBuilder{buf: make([]byte, 0, 512)},
+	}
+}
+
+// serve runs n reader goroutines until the socket is closed, then returns
+// nil once all of them have finished the request they were handling. It
+// returns early only if it cannot start.
+func (s *server) serve(n int) error {
+	if n < 1 {
+		n = 1
+	}
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() { s.readLoop(newWorker()) })
+	}
+	wg.Wait()
+	return nil
+}
+
+// readLoop reads and answers datagrams until the socket is closed.
+func (s *server) readLoop(w *worker) {
+	for {
+		n, peer, err := s.conn.ReadFromUDPAddrPort(w.buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Nothing a client sends makes a UDP read fail; count it,
+			// log it, and do not spin if it repeats.
+			if s.stats.readErrors.Add(1)%1000 == 1 {
+				s.log.Errorf("cannot read request: %v", err)
+			}
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		reply := s.handle(w, w.buf[:n], peer)
+		if reply == nil {
+			continue
+		}
+		if _, err := s.conn.WriteToUDPAddrPort(reply, peer); err != nil {
+			if s.stats.writeErrors.Add(1)%1000 == 1 {
+				s.log.Errorf("cannot send reply to %s: %v", peer, err)
+			}
+			continue
+		}
+		s.stats.replies.Add(1)
+	}
+}
+
+// handle decides one datagram from peer and returns the reply to send, or
+// nil for none. The reply is w's buffer.
+func (s *server) handle(w *worker, datagram []byte, peer netip.AddrPort) []byte {
+	s.stats.requests.Add(1)
+	if len(datagram) > maxRequestSize {
+		s.malformed(w, datagram[:maxRequestSize], peer, "bad req too long")
+		return nil
+	}
+	v, err := s.g.decideQmail(&w.kb, datagram)
+	if err != nil {
+		s.malformed(w, datagram, peer, err.Error())
+		return nil
+	}
+	if s.dlog != nil {
+		w.line = appendLogLine(w.line[:0], peer, v.Event(), datagram)
+		s.dlog.write(w.line)
+	}
+	w.reply = appendReply(w.reply[:0], v)
+	return w.reply
+}
+
+// malformed counts a malformed datagram and logs it, rate-limited.
+func (s *server) malformed(w *worker, datagram []byte, peer netip.AddrPort, event string) {
+	s.stats.malformed.Add(1)
+	if s.dlog != nil && s.dlog.allowBad(s.g.now()) {
+		w.line = appendLogLine(w.line[:0], peer, event, datagram)
+		s.dlog.write(w.line)
+	}
+}

@@ -1,0 +1,366 @@
+package main
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// A table holds greydaemon's state: the known-IP table (client key to the
+// unix second it was last seen) and the grey-triplet table (triplet key to
+// the unix second it was first seen).
+//
+// The table is split into a power-of-two number of shards, each with its own
+// lock; a key's shard is picked by the low bits of its hash. Shard maps hold
+// only fixed-size integer keys and values, so the garbage collector never
+// scans their contents. Every operation holds one shard lock for a few map
+// operations and does no I/O, logging or allocation under it, except that
+// an insert may grow a map.
+//
+// The table enforces a hard cap on the number of entries (known IPs plus
+// grey triplets) per shard. A shard that is full evicts before it inserts:
+// first expired entries, then the oldest grey triplets, and only when no grey
+// triplets remain, the least recently seen known IPs.
+//
+// A table is safe for concurrent use. It does not read the clock: every
+// operation takes the current time from its caller.
+type table struct {
+	shards   []shard
+	mask     uint64
+	shardCap int // entries per shard, known IPs and grey triplets together
+
+	evicted atomic.Uint64 // entries dropped to respect the cap
+	expired atomic.Uint64 // entries dropped by sweeps because they expired
+}
+
+// A shard is one lock-striped part of a table. The padding keeps two
+// shards' locks out of one cache line.
+type shard struct {
+	mu    sync.RWMutex
+	known map[clientKey]uint32
+	grey  map[tripletKey]uint32
+	// peak is the largest size the maps reached since they were last
+	// rebuilt; Go maps never shrink, so a sweep rebuilds a map that has
+	// emptied far below its peak.
+	peakKnown, peakGrey int
+	_                   [64]byte
+}
+
+// expiry says when entries stop counting. Times are whole seconds: an entry
+// whose age is a or more is expired when a >= the limit, which for integer
+// ages is the Perl daemon's age < limit test with fractional limits rounded
+// up.
+type expiry struct {
+	knownLifetime uint32 // a known IP not seen for this long is forgotten
+	greyLifetime  uint32 // a grey triplet this old may be dropped
+}
+
+// minShardCap is the smallest per-shard cap, so that tiny max_entries values
+// still leave every shard room to work.
+const minShardCap = 16
+
+// newTable returns an empty table with nShards shards (rounded up to a power
+// of two) holding at most maxEntries entries in all (rounded up so that
+// every shard holds the same number).
+func newTable(nShards, maxEntries int) *table {
+	n := 1
+	for n < nShards {
+		n <<= 1
+	}
+	per := (maxEntries + n - 1) / n
+	if per < minShardCap {
+		per = minShardCap
+	}
+	t := &table{shards: make([]shard, n), mask: uint64(n - 1), shardCap: per}
+	for i := range t.shards {
+		t.shards[i].known = make(map[clientKey]uint32)
+		t.shards[i].grey = make(map[tripletKey]uint32)
+	}
+	return t
+}
+
+// capacity returns the most entries the table holds.
+func (t *table) capacity() int { return t.shardCap * len(t.shards) }
+
+func (t *table) shardFor(h uint64) *shard { return &t.shards[h&t.mask] }
+
+// refreshKnown reports whether client is a known IP seen less than lifetime
+// seconds before now. If so it sets the client's last-seen time to now (the
+// window slides).
+func (t *table) refreshKnown(client clientKey, now, lifetime uint32) bool {
+	s := t.shardFor(client.shardHash())
+	s.mu.RLock()
+	last, ok := s.known[client]
+	s.mu.RUnlock()
+	if !ok || age(now, last) >= lifetime {
+		return false
+	}
+	s.mu.Lock()
+	// Another goroutine may have refreshed it meanwhile; a later time wins.
+	if last, ok = s.known[client]; ok && now > last {
+		s.known[client] = now
+	}
+	s.mu.Unlock()
+	return ok
+}
+
+// markKnown records client as known, last seen at now.
+func (t *table) markKnown(client clientKey, now uint32, exp expiry) {
+	s := t.shardFor(client.shardHash())
+	var evicted int
+	s.mu.Lock()
+	if _, ok := s.known[client]; !ok {
+		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		if n := len(s.known) + 1; n > s.peakKnown {
+			s.peakKnown = n
+		}
+	}
+	s.known[client] = now
+	s.mu.Unlock()
+	if evicted > 0 {
+		t.evicted.Add(uint64(evicted))
+	}
+}
+
+// A greyState is what observeTriplet found.
+type greyState uint8
+
+const (
+	greyNew     greyState = iota // unknown triplet, now recorded
+	greyTooSoon                  // known, younger than the minimum delay
+	greyRetryOK                  // known, retried within the resend window
+	greyStale                    // known but past the window; its clock restarted
+)
+
+// observeTriplet looks the triplet up and updates it as the Perl daemon
+// does: an unknown triplet is recorded with first-seen now; one older than
+// window is restarted at now; any other is left as it is. It returns what it
+// found.
+func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp expiry) greyState {
+	s := t.shardFor(k.shardHash())
+	var evicted int
+	state := greyNew
+	s.mu.Lock()
+	first, ok := s.grey[k]
+	switch a := age(now, first); {
+	case !ok:
+		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		s.grey[k] = now
+		if n := len(s.grey); n > s.peakGrey {
+			s.peakGrey = n
+		}
+	case a < minDelay:
+		state = greyTooSoon
+	case a < window:
+		state = greyRetryOK
+	default:
+		s.grey[k] = now
+		state = greyStale
+	}
+	s.mu.Unlock()
+	if evicted > 0 {
+		t.evicted.Add(uint64(evicted))
+	}
+	return state
+}
+
+// age returns now-then in seconds, or 0 if the clock went backwards.
+func age(now, then uint32) uint32 {
+	if now < then {
+		return 0
+	}
+	return now - then
+}
+
+// makeRoomLocked makes room for one more entry in a shard that holds capacity
+// entries at most. When the shard is full it drops expired entries, and if
+// that frees too little, the oldest grey triplets, then the least recently
+// seen known IPs, until an eighth of the shard is free, so that the cost of
+// the scan is shared by many inserts. It returns how many entries were
+// evicted (expired ones included). The caller holds s.mu for writing.
+func (s *shard) makeRoomLocked(capacity int, now uint32, exp expiry) int {
+	if len(s.known)+len(s.grey) < capacity {
+		return 0
+	}
+	target := capacity - capacity/8
+	if target >= capacity {
+		target = capacity - 1
+	}
+	dropped := deleteOlderThan(s.known, now, exp.knownLifetime)
+	dropped += deleteOlderThan(s.grey, now, exp.greyLifetime)
+	if excess := len(s.known) + len(s.grey) - target; excess > 0 {
+		n := deleteOldest(s.grey, excess)
+		dropped += n
+		excess -= n
+		if excess > 0 {
+			dropped += deleteOldest(s.known, excess)
+		}
+	}
+	return dropped
+}
+
+// deleteOlderThan deletes the entries of m whose age at now is limit or more
+// and returns how many it deleted.
+func deleteOlderThan[K comparable](m map[K]uint32, now, limit uint32) int {
+	n := 0
+	for k, t := range m {
+		if age(now, t) >= limit {
+			delete(m, k)
+			n++
+		}
+	}
+	return n
+}
+
+// deleteOldest deletes at least want of the entries of m with the smallest
+// times (or all of them, if m has fewer), and returns how many it deleted.
+// It finds the cut-off time with a 64-bucket histogram, so it makes three
+// passes over m and allocates nothing; entries in the bucket at the cut-off
+// go too, so it may delete somewhat more than want.
+func deleteOldest[K comparable](m map[K]uint32, want int) int {
+	if want <= 0 || len(m) == 0 {
+		return 0
+	}
+	if want >= len(m) {
+		n := len(m)
+		clear(m)
+		return n
+	}
+	lo, hi := ^uint32(0), uint32(0)
+	for _, t := range m {
+		lo, hi = min(lo, t), max(hi, t)
+	}
+	const buckets = 64
+	width := (uint64(hi-lo) + buckets) / buckets // at least 1
+	var counts [buckets]int
+	for _, t := range m {
+		counts[uint64(t-lo)/width]++
+	}
+	cut, sum := 0, 0
+	for cut < buckets && sum < want {
+		sum += counts[cut]
+		cut++
+	}
+	limit := uint64(cut) * width // delete t-lo < limit
+	n := 0
+	for k, t := range m {
+		if uint64(t-lo) < limit {
+			delete(m, k)
+			n++
+		}
+	}
+	return n
+}
+
+// sweepShard deletes the expired entries of shard i and rebuilds its maps
+// when they have shrunk far below their peak size. It returns how many
+// entries it deleted.
+func (t *table) sweepShard(i int, now uint32, exp expiry) int {
+	s := &t.shards[i]
+	s.mu.Lock()
+	n := deleteOlderThan(s.known, now, exp.knownLifetime)
+	n += deleteOlderThan(s.grey, now, exp.greyLifetime)
+	rebuildKnown := shouldRebuild(len(s.known), s.peakKnown)
+	rebuildGrey := shouldRebuild(len(s.grey), s.peakGrey)
+	sizeKnown, sizeGrey := len(s.known), len(s.grey)
+	s.mu.Unlock()
+	if n > 0 {
+		t.expired.Add(uint64(n))
+	}
+	if rebuildKnown {
+		// Allocate outside the lock; copy under it.
+		fresh := make(map[clientKey]uint32, sizeKnown)
+		s.mu.Lock()
+		for k, v := range s.known {
+			fresh[k] = v
+		}
+		s.known, s.peakKnown = fresh, len(fresh)
+		s.mu.Unlock()
+	}
+	if rebuildGrey {
+		fresh := make(map[tripletKey]uint32, sizeGrey)
+		s.mu.Lock()
+		for k, v := range s.grey {
+			fresh[k] = v
+		}
+		s.grey, s.peakGrey = fresh, len(fresh)
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// shouldRebuild reports whether a map that once held peak entries and now
+// holds size should be copied into a smaller one to give memory back.
+func shouldRebuild(size, peak int) bool {
+	return peak >= 1024 && size < peak/4
+}
+
+// counts returns the number of known IPs and grey triplets held.
+func (t *table) counts() (known, grey int) {
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.RLock()
+		known += len(s.known)
+		grey += len(s.grey)
+		s.mu.RUnlock()
+	}
+	return known, grey
+}
+
+// A knownEntry is a known IP and when it was last seen.
+type knownEntry struct {
+	client   clientKey
+	lastSeen uint32
+}
+
+// A greyEntry is a grey triplet and when it was first seen.
+type greyEntry struct {
+	triplet   tripletKey
+	firstSeen uint32
+}
+
+// appendShard appends the entries of shard i to known and grey and returns
+// the extended slices. It holds the shard's read lock while it copies; the
+// caller reuses the slices so that this does not allocate once they have
+// grown.
+func (t *table) appendShard(i int, known []knownEntry, grey []greyEntry) ([]knownEntry, []greyEntry) {
+	s := &t.shards[i]
+	s.mu.RLock()
+	for k, v := range s.known {
+		known = append(known, knownEntry{k, v})
+	}
+	for k, v := range s.grey {
+		grey = append(grey, greyEntry{k, v})
+	}
+	s.mu.RUnlock()
+	return known, grey
+}
+
+// restoreKnown inserts a known IP loaded from a snapshot, keeping the later
+// time if the IP is already held. It respects the cap like any insert.
+func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry) {
+	s := t.shardFor(client.shardHash())
+	s.mu.Lock()
+	if old, ok := s.known[client]; ok {
+		s.known[client] = max(old, lastSeen)
+	} else {
+		s.makeRoomLocked(t.shardCap, now, exp)
+		s.known[client] = lastSeen
+		s.peakKnown = max(s.peakKnown, len(s.known))
+	}
+	s.mu.Unlock()
+}
+
+// restoreGrey inserts a grey triplet loaded from a snapshot, keeping the
+// earlier time if the triplet is already held.
+func (t *table) restoreGrey(k tripletKey, firstSeen, now uint32, exp expiry) {
+	s := t.shardFor(k.shardHash())
+	s.mu.Lock()
+	if old, ok := s.grey[k]; ok {
+		s.grey[k] = min(old, firstSeen)
+	} else {
+		s.makeRoomLocked(t.shardCap, now, exp)
+		s.grey[k] = firstSeen
+		s.peakGrey = max(s.peakGrey, len(s.grey))
+	}
+	s.mu.Unlock()
+}
