@@ -101,12 +101,12 @@ func parsePerlLine(kb *keyBuilder, line []byte) (kind int, k [2]uint64, t uint32
 		// spaces, so they are the last two words and the IP is the rest.
 		i := bytes.LastIndexByte(key, ' ')
 		if i <= 0 {
-			return 0, k, 0, fmt.Errorf("G line needs ip, sender and recipient")
+			return 0, k, 0, fmt.Errorf("a G line needs ip, sender and recipient")
 		}
 		rcpt := key[i+1:]
 		j := bytes.LastIndexByte(key[:i], ' ')
 		if j <= 0 {
-			return 0, k, 0, fmt.Errorf("G line needs ip, sender and recipient")
+			return 0, k, 0, fmt.Errorf("a G line needs ip, sender and recipient")
 		}
 		ip, sender := key[:j], key[j+1:i]
 		ck, _, _ := makeClientKey(ip)

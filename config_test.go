@@ -1,0 +1,187 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseConfigEveryKey(t *testing.T) {
+	text := `
+listen = "0.0.0.0:2000"
+state_file = "/var/lib/greydaemon/state"
+user = "greyd"
+whitelist = "/etc/greydaemon/whitelist"
+save_interval = "2m"
+known_ip_lifetime = "1.5d"
+resend_window = "6h"
+min_resend_delay = "90s"
+debug = true
+max_entries = 500000
+`
+	c := defaultConfig()
+	if err := parseConfig(&c, strings.NewReader(text), "test.toml"); err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Listen: "0.0.0.0:2000", StateFile: "/var/lib/greydaemon/state", User: "greyd",
+		Whitelist: "/etc/greydaemon/whitelist", SaveInterval: Duration{2 * time.Minute},
+		KnownIPLifetime: Duration{36 * time.Hour}, ResendWindow: Duration{6 * time.Hour},
+		MinResendDelay: Duration{90 * time.Second}, Debug: true, MaxEntries: 500000,
+	}
+	if c != want {
+		t.Fatalf("got %+v\nwant %+v", c, want)
+	}
+	if err := c.validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestParseConfigErrors(t *testing.T) {
+	for _, tt := range []struct{ text, want string }{
+		{`listen = "x"` + "\nbogus = 1\n", "test.toml: unknown key bogus"},
+		{`resend_widow = "6h"`, "unknown key resend_widow"},
+		{`min_resend_delay = "5 minutes"`, `invalid duration "5 minutes"`},
+		{`known_ip_lifetime = "xd"`, `invalid duration "xd"`},
+		{`max_entries = "many"`, "test.toml"},
+		{`debug = "yes"`, "test.toml"},
+		{"listen = \n", "test.toml: line 1"},
+	} {
+		c := defaultConfig()
+		err := parseConfig(&c, strings.NewReader(tt.text), "test.toml")
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: got %v, want an error containing %q", tt.text, err, tt.want)
+		}
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, tt := range []struct {
+		change func(*Config)
+		want   string
+	}{
+		{func(c *Config) { c.MinResendDelay.Duration = 12 * time.Hour }, "min_resend_delay: must be below resend_window"},
+		{func(c *Config) { c.ResendWindow.Duration = 0 }, "resend_window: must be positive"},
+		{func(c *Config) { c.KnownIPLifetime.Duration = -time.Hour }, "known_ip_lifetime: must be positive"},
+		{func(c *Config) { c.SaveInterval.Duration = time.Millisecond }, "save_interval: must be at least 1s"},
+		{func(c *Config) { c.MaxEntries = 10 }, "max_entries: must be at least 1000"},
+		{func(c *Config) { c.Listen = "1.2.3.4:99999" }, "listen: bad port"},
+		{func(c *Config) { c.StateFile = "" }, "state_file: must not be empty"},
+	} {
+		c := defaultConfig()
+		tt.change(&c)
+		err := c.validate()
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("got %v, want an error containing %q", err, tt.want)
+		}
+	}
+	c := defaultConfig()
+	if err := c.validate(); err != nil {
+		t.Errorf("defaults do not validate: %v", err)
+	}
+}
+
+func TestCommandLine(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "g.toml")
+	os.WriteFile(conf, []byte("min_resend_delay = \"10m\"\nresend_window = \"6h\"\nlisten = \"127.0.0.1:3000\"\nstate_file = \"from-file\"\n"), 0o644)
+	for _, tt := range []struct {
+		args  []string
+		check func(c *Config) bool
+	}{
+		{nil, func(c *Config) bool { return c.Listen == defaultListen && c.StateFile == defaultStateFile }},
+		{[]string{"-m", "0.05", ":1999", "s"}, func(c *Config) bool {
+			return c.MinResendDelay.Duration == 3*time.Second && c.Listen == ":1999" && c.StateFile == "s"
+		}},
+		{[]string{"-t", "0", "-g", "0", "-m", "0", "-s", "0", "127.0.0.1", "s"}, func(c *Config) bool {
+			return c.KnownIPLifetime.Duration == defaultKnownIP && c.ResendWindow.Duration == defaultResendWindow &&
+				c.MinResendDelay.Duration == defaultMinDelay && c.SaveInterval.Duration == defaultSaveInterval
+		}},
+		{[]string{"-d", "-u", "nobody", "-w", "wl", "-s", "1.5", "-t", "0.5", "-g", "2.5", "1.2.3.4:5", "/x"}, func(c *Config) bool {
+			return c.Debug && c.User == "nobody" && c.Whitelist == "wl" && c.SaveInterval.Duration == 90*time.Second &&
+				c.KnownIPLifetime.Duration == 12*time.Hour && c.ResendWindow.Duration == 150*time.Minute
+		}},
+		{[]string{"-c", conf}, func(c *Config) bool {
+			return c.MinResendDelay.Duration == 10*time.Minute && c.Listen == "127.0.0.1:3000" && c.StateFile == "from-file"
+		}},
+		{[]string{"-c", conf, "-m", "1", "0.0.0.0", "s"}, func(c *Config) bool {
+			return c.MinResendDelay.Duration == time.Minute && c.ResendWindow.Duration == 6*time.Hour && c.Listen == "0.0.0.0"
+		}},
+		{[]string{"-c", conf, "-m", "0"}, func(c *Config) bool { return c.MinResendDelay.Duration == 10*time.Minute }},
+	} {
+		c, err := parseCommandLine(tt.args, io.Discard)
+		if err != nil {
+			t.Errorf("%q: %v", tt.args, err)
+			continue
+		}
+		if !tt.check(c) {
+			t.Errorf("%q: got %+v", tt.args, c)
+		}
+	}
+}
+
+func TestCommandLineErrors(t *testing.T) {
+	dir := t.TempDir()
+	badConf := filepath.Join(dir, "bad.toml")
+	os.WriteFile(badConf, []byte("nope = 1\n"), 0o644)
+	for _, tt := range []struct {
+		args  []string
+		usage bool
+		want  string
+	}{
+		{[]string{"127.0.0.1"}, true, "missing savefile"},
+		{[]string{"a", "b", "c"}, true, "unexpected arguments"},
+		{[]string{"-m", "five", "a", "b"}, true, "not a number"},
+		{[]string{"-m", "-1", "a", "b"}, true, "must not be negative"},
+		{[]string{"-m", "NaN", "a", "b"}, true, "not a number"},
+		{[]string{"-x"}, true, "not defined"},
+		{[]string{"-m"}, true, "needs an argument"},
+		{[]string{"-m", "720", "127.0.0.1", "s"}, false, "min_resend_delay: must be below resend_window"},
+		{[]string{"-c", filepath.Join(dir, "missing.toml")}, false, "cannot open config"},
+		{[]string{"-c", badConf}, false, badConf + ": unknown key nope"},
+		{[]string{"1.2.3.4:x", "s"}, false, `bad port "x"`},
+	} {
+		_, err := parseCommandLine(tt.args, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tt.want) || errors.Is(err, errUsage) != tt.usage {
+			t.Errorf("%q: got %v, want an error containing %q (usage error: %v)", tt.args, err, tt.want, tt.usage)
+		}
+	}
+}
+
+func TestListenAddress(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.1":      "127.0.0.1:1999",
+		"127.0.0.1:2000": "127.0.0.1:2000",
+		":2000":          ":2000",
+		"::1":            "[::1]:1999",
+		"[::1]":          "[::1]:1999",
+		"[::1]:2000":     "[::1]:2000",
+		"localhost":      "localhost:1999",
+		"localhost:2000": "localhost:2000",
+	} {
+		got, err := listenAddress(in)
+		if err != nil || got != want {
+			t.Errorf("listenAddress(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "[zz]", "1.2.3.4:70000", "a:b:c"} {
+		if got, err := listenAddress(bad); err == nil {
+			t.Errorf("listenAddress(%q) = %q, want an error", bad, got)
+		}
+	}
+}
+
+// TestExampleConfig checks that the shipped example file is valid.
+func TestExampleConfig(t *testing.T) {
+	c := defaultConfig()
+	if err := loadConfigFile(&c, "greydaemon.example.toml"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.validate(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,298 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// startDaemon runs a daemon on 127.0.0.1:0 with cfg's other settings and
+// returns its address. The daemon stops when the test ends; its stdout and
+// stderr are returned as buffers to read after stop is called.
+func startDaemon(t *testing.T, cfg Config, now func() time.Time) (addr *net.UDPAddr, stop func() (stdout, stderr string)) {
+	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
+	if cfg.StateFile == defaultStateFile {
+		cfg.StateFile = filepath.Join(t.TempDir(), "state")
+	}
+	var out, errOut syncBuffer
+	ready := make(chan net.Addr, 1)
+	d := &daemon{cfg: &cfg, stdout: &out, stderr: &errOut, now: now,
+		onReady: func(a net.Addr) { ready <- a }}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.run(ctx) }()
+	select {
+	case a := <-ready:
+		addr = a.(*net.UDPAddr)
+	case err := <-done:
+		cancel()
+		t.Fatalf("daemon did not start: %v\n%s", err, errOut.String())
+	case <-time.After(10 * time.Second):
+		cancel()
+		t.Fatal("daemon did not start within 10 s")
+	}
+	stopped := false
+	stop = func() (string, string) {
+		if !stopped {
+			stopped = true
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("daemon returned %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("daemon did not stop within 10 s")
+			}
+		}
+		return out.String(), errOut.String()
+	}
+	t.Cleanup(func() { stop() })
+	return addr, stop
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent use.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// exchange sends datagram on conn and returns the reply, or nil if none
+// comes within wait.
+func exchange(t *testing.T, conn *net.UDPConn, datagram []byte, wait time.Duration) []byte {
+	t.Helper()
+	if _, err := conn.Write(datagram); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	conn.SetReadDeadline(time.Now().Add(wait))
+	buf := make([]byte, 16)
+	n, err := conn.Read(buf)
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return nil
+		}
+		t.Fatalf("receive: %v", err)
+	}
+	return buf[:n]
+}
+
+func dial(t *testing.T, addr *net.UDPAddr) *net.UDPConn {
+	t.Helper()
+	conn, err := net.DialUDP("udp", nil, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// TestRoundTrip checks the replies byte for byte through a real socket, that
+// a malformed datagram gets no reply while the next good one is answered,
+// the same for a 60000-byte request with 500 recipients, and the log lines.
+func TestRoundTrip(t *testing.T) {
+	clock := newFakeClock()
+	dir := t.TempDir()
+	wl := filepath.Join(dir, "whitelist")
+	os.WriteFile(wl, []byte("198.51.100.0/24\n"), 0o644)
+	cfg := defaultConfig()
+	cfg.Whitelist = wl
+	addr, stop := startDaemon(t, cfg, clock.now)
+	conn := dial(t, addr)
+	const wait = 5 * time.Second
+
+	check := func(datagram []byte, want ...byte) {
+		t.Helper()
+		if got := exchange(t, conn, datagram, wait); !bytes.Equal(got, want) {
+			t.Fatalf("request %q: reply %x, want %x", datagram, got, want)
+		}
+	}
+	check(req("198.51.100.7", alice, bob), 1, 1)
+	check(req("192.0.2.1", alice, bob), 0, 1)
+	check(req("192.0.2.1", alice, bob), 0, 2)
+	check(req("192.0.2.1", "", verp), 1, 4)
+	check(req("192.0.2.1", alice), 1, 3)
+	clock.advance(6 * time.Minute)
+	check(req("192.0.2.1", alice, bob), 1, 3)
+	check(req("192.0.2.1", alice, carol), 1, 2)
+	check(req("192.0.2.2", alice, bob), 0, 1)
+	clock.advance(13 * time.Hour)
+	check(req("192.0.2.2", alice, bob), 0, 3)
+
+	// A malformed datagram gets nothing; the next good one is answered.
+	for _, bad := range [][]byte{[]byte("garbage"), []byte("I192.0.2.3\x00X\x00"), {}} {
+		if got := exchange(t, conn, bad, 300*time.Millisecond); got != nil {
+			t.Fatalf("malformed %q got reply %x", bad, got)
+		}
+		check(req("192.0.2.1", alice, "next@rcpt.example"), 1, 2)
+	}
+
+	// A 60000-byte request with 500 recipients, every one checked.
+	rcpts := make([]string, 500)
+	for i := range rcpts {
+		rcpts[i] = fmt.Sprintf("r%03d%s@rcpt.example", i, strings.Repeat("x", 101))
+	}
+	big := req("192.0.2.50", alice, rcpts...)
+	if len(big) < 60000 || len(big) > 65507 {
+		t.Fatalf("big request is %d bytes", len(big))
+	}
+	check(big, 0, 1)
+	check(req("192.0.2.50", alice, rcpts[499]), 0, 2) // the last recipient was recorded
+	badBig := append(bytes.Clone(big[:len(big)-1]), "\x00Xnot-a-recipient\x00"...)
+	if got := exchange(t, conn, badBig, 300*time.Millisecond); got != nil {
+		t.Fatalf("malformed big request got reply %x", got)
+	}
+	check(req("192.0.2.1", alice, "last@rcpt.example"), 1, 2)
+
+	stdout, _ := stop()
+	local := conn.LocalAddr().(*net.UDPAddr)
+	peer := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(local.Port))
+	for _, want := range []string{
+		peer.String() + " white I198.51.100.7 Falice@sender.example Tbob@rcpt.example \n",
+		peer.String() + " new grey I192.0.2.1 ",
+		peer.String() + " retry too soon I192.0.2.1 ",
+		peer.String() + " bounce I192.0.2.1 F T" + verp + " \n",
+		peer.String() + " retry ok I192.0.2.1 ",
+		peer.String() + " ok ip I192.0.2.1 ",
+		peer.String() + " stale grey I192.0.2.2 ",
+		peer.String() + " bad req no I garbage\n",
+		peer.String() + " bad req no F I192.0.2.3 X \n",
+		peer.String() + " bad req no T I192.0.2.50 ",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+}
+
+// TestShutdownSavesState checks that SIGTERM's path (ctx done) writes a
+// snapshot that the next run loads.
+func TestShutdownSavesState(t *testing.T) {
+	clock := newFakeClock()
+	cfg := defaultConfig()
+	cfg.StateFile = filepath.Join(t.TempDir(), "greydaemon.state")
+	addr, stop := startDaemon(t, cfg, clock.now)
+	conn := dial(t, addr)
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("got %x", got)
+	}
+	stop()
+	clock.advance(6 * time.Minute)
+	addr, stop = startDaemon(t, cfg, clock.now)
+	conn = dial(t, addr)
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{1, 3}) {
+		t.Fatalf("after restart got %x, want 0103: state was lost", got)
+	}
+	_, stderr := stop()
+	if !strings.Contains(stderr, "loaded msgpack state file") {
+		t.Errorf("stderr lacks the load report:\n%s", stderr)
+	}
+}
+
+// TestConcurrentClients runs several clients at once (under -race in CI):
+// every request is answered and every client's triplets are its own.
+func TestConcurrentClients(t *testing.T) {
+	clock := newFakeClock()
+	addr, _ := startDaemon(t, defaultConfig(), clock.now)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for c := range 8 {
+		wg.Go(func() {
+			conn, err := net.DialUDP("udp", nil, addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer conn.Close()
+			buf := make([]byte, 4)
+			for i := range 50 {
+				d := req(fmt.Sprintf("10.0.%d.%d", c, i), alice, bob)
+				conn.Write(d)
+				conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+				n, err := conn.Read(buf)
+				if err != nil || !bytes.Equal(buf[:n], []byte{0, 1}) {
+					errs <- fmt.Errorf("client %d request %d: reply %x, err %v", c, i, buf[:n], err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// TestHandleAllocatesNothing proves that the server's per-datagram path,
+// decision log line included, allocates nothing.
+func TestHandleAllocatesNothing(t *testing.T) {
+	g, clock := newTestGreylister(t, "10.0.0.0/8")
+	srv := &server{g: g, dlog: newDecisionLog(io.Discard), log: &logger{w: io.Discard}}
+	w := newWorker()
+	peer := netip.MustParseAddrPort("127.0.0.1:4000")
+	known := req("192.0.2.1", alice, bob)
+	srv.handle(w, known, peer)
+	clock.advance(6 * time.Minute)
+	srv.handle(w, known, peer)
+	grey := req("192.0.2.2", alice, bob)
+	srv.handle(w, grey, peer)
+	for name, d := range map[string][]byte{
+		"known": known, "grey": grey, "white": req("10.0.0.1", alice, bob), "bad": []byte("junk"),
+	} {
+		if n := testing.AllocsPerRun(200, func() { srv.handle(w, d, peer) }); n != 0 {
+			t.Errorf("%s: %v allocations per datagram, want 0", name, n)
+		}
+	}
+}
+
+// TestBadRequestLogIsRateLimited checks that a flood of garbage logs only a
+// few lines per second and then says how many it left out.
+func TestBadRequestLogIsRateLimited(t *testing.T) {
+	g, clock := newTestGreylister(t, "")
+	var out bytes.Buffer
+	srv := &server{g: g, dlog: newDecisionLog(&out), log: &logger{w: io.Discard}}
+	w := newWorker()
+	peer := netip.MustParseAddrPort("127.0.0.1:4000")
+	for range 1000 {
+		if srv.handle(w, []byte("junk"), peer) != nil {
+			t.Fatal("garbage got a reply")
+		}
+	}
+	clock.advance(time.Second)
+	srv.handle(w, []byte("junk"), peer)
+	srv.dlog.flush()
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != badPerSecond+2 {
+		t.Fatalf("got %d log lines, want %d:\n%s", len(lines), badPerSecond+2, out.String())
+	}
+	if want := fmt.Sprintf("greydaemon: %d bad requests not logged", 1000-badPerSecond); lines[badPerSecond] != want {
+		t.Errorf("got %q, want %q", lines[badPerSecond], want)
+	}
+	if got := srv.stats.malformed.Load(); got != 1001 {
+		t.Errorf("malformed counter = %d, want 1001", got)
+	}
+}

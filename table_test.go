@@ -1,0 +1,239 @@
+package main
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+)
+
+var testExpiry = testPolicy.expiry()
+
+func tkey(i uint64) tripletKey { return tripletKey{mix64(i), mix64(i + 1<<40)} }
+
+func ckey(i uint32) clientKey {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], i)
+	return makeTestClientKey(b)
+}
+
+func makeTestClientKey(b [4]byte) clientKey {
+	k, _, _ := makeClientKey([]byte(fmt.Sprintf("%d.%d.%d.%d", b[0], b[1], b[2], b[3])))
+	return k
+}
+
+// TestTableCapEvictsGreyBeforeKnown fills a table past its cap and checks
+// that it never holds more than the cap, that old grey triplets go first,
+// and that known IPs survive while grey triplets remain.
+func TestTableCapEvictsGreyBeforeKnown(t *testing.T) {
+	tb := newTable(4, 4000)
+	if tb.capacity() != 4000 {
+		t.Fatalf("capacity %d, want 4000", tb.capacity())
+	}
+	now := uint32(1_000_000)
+	for i := range uint32(500) {
+		tb.markKnown(ckey(i), now, testExpiry)
+	}
+	for i := range uint64(20_000) {
+		tb.observeTriplet(tkey(i), now+uint32(i/100), 300, 43200, testExpiry)
+		if known, grey := tb.counts(); known+grey > tb.capacity() {
+			t.Fatalf("after %d inserts the table holds %d entries, cap %d", i+1, known+grey, tb.capacity())
+		}
+	}
+	known, grey := tb.counts()
+	if known != 500 {
+		t.Fatalf("known IPs evicted while grey triplets remained: %d of 500 left", known)
+	}
+	if grey < 3000 {
+		t.Fatalf("only %d grey triplets held; eviction freed far more than needed", grey)
+	}
+	if tb.evicted.Load() == 0 {
+		t.Fatal("evictions were not counted")
+	}
+	// The newest triplet is held, the oldest is gone.
+	if st := tb.observeTriplet(tkey(19_999), now+200, 300, 43200, testExpiry); st != greyTooSoon {
+		t.Errorf("newest triplet: state %d, want held (too soon)", st)
+	}
+	if st := tb.observeTriplet(tkey(0), now+200, 300, 43200, testExpiry); st != greyNew {
+		t.Errorf("oldest triplet: state %d, want evicted (new)", st)
+	}
+}
+
+// TestTableCapEvictsKnownWhenNoGrey checks that known IPs are evicted, least
+// recently seen first, once no grey triplets are left.
+func TestTableCapEvictsKnownWhenNoGrey(t *testing.T) {
+	tb := newTable(1, 1000)
+	now := uint32(1_000_000)
+	for i := range uint32(5000) {
+		tb.markKnown(ckey(i), now+i, testExpiry)
+	}
+	known, _ := tb.counts()
+	if known > 1000 || known < 800 {
+		t.Fatalf("holds %d known IPs, want between 800 and the cap 1000", known)
+	}
+	if !tb.refreshKnown(ckey(4999), now+5000, testExpiry.knownLifetime) {
+		t.Error("the most recent known IP was evicted")
+	}
+	if tb.refreshKnown(ckey(0), now+5000, testExpiry.knownLifetime) {
+		t.Error("the least recent known IP survived")
+	}
+}
+
+// TestSweepRebuildsMaps checks that a sweep deletes what expired and gives
+// memory back by rebuilding a map that emptied.
+func TestSweepRebuildsMaps(t *testing.T) {
+	tb := newTable(1, 1_000_000)
+	now := uint32(1_000_000)
+	for i := range uint64(10_000) {
+		tb.observeTriplet(tkey(i), now, 300, 43200, testExpiry)
+	}
+	for i := range uint64(100) {
+		tb.observeTriplet(tkey(1_000_000+i), now+43000, 300, 43200, testExpiry)
+	}
+	n := tb.sweepShard(0, now+43200+60, testExpiry)
+	if n != 10_000 {
+		t.Fatalf("swept %d, want 10000", n)
+	}
+	s := &tb.shards[0]
+	if len(s.grey) != 100 || s.peakGrey != 100 {
+		t.Fatalf("after sweep: %d entries, peak %d; want 100 and a rebuilt map", len(s.grey), s.peakGrey)
+	}
+	if tb.expired.Load() != 10_000 {
+		t.Fatalf("expired counter %d", tb.expired.Load())
+	}
+}
+
+// TestDeleteOldest checks the histogram eviction against sorting.
+func TestDeleteOldest(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for trial := range 200 {
+		m := map[int]uint32{}
+		n := 1 + r.IntN(500)
+		for i := range n {
+			m[i] = 1000 + uint32(r.IntN(1+trial*50))
+		}
+		want := r.IntN(n + 1)
+		before := make(map[int]uint32, len(m))
+		for k, v := range m {
+			before[k] = v
+		}
+		got := deleteOldest(m, want)
+		if got < want || got != len(before)-len(m) {
+			t.Fatalf("trial %d: deleted %d (map shrank by %d), want at least %d", trial, got, len(before)-len(m), want)
+		}
+		// Every survivor is at least as new as every deleted entry.
+		oldestKept := ^uint32(0)
+		for _, v := range m {
+			oldestKept = min(oldestKept, v)
+		}
+		for k, v := range before {
+			if _, kept := m[k]; !kept && v > oldestKept {
+				t.Fatalf("trial %d: deleted time %d but kept %d", trial, v, oldestKept)
+			}
+		}
+	}
+}
+
+// FuzzTableModel runs a stream of operations against the table and a plain
+// map model with the same rules, and compares every answer.
+func FuzzTableModel(f *testing.F) {
+	f.Add([]byte{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 250, 3, 2, 1})
+	f.Add([]byte{1, 1, 1, 1, 200, 1, 1, 255, 255, 1})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		tb := newTable(4, 1_000_000) // no eviction: the model has no cap
+		modelGrey := map[tripletKey]uint32{}
+		modelKnown := map[clientKey]uint32{}
+		now := uint32(1_000_000)
+		const minDelay, window, lifetime = 300, 43200, 604800
+		for len(ops) >= 2 {
+			op, arg := ops[0], ops[1]
+			ops = ops[2:]
+			switch op % 4 {
+			case 0: // time passes
+				now += uint32(arg) * 97
+			case 1: // a triplet is seen
+				k := tkey(uint64(arg % 16))
+				got := tb.observeTriplet(k, now, minDelay, window, testExpiry)
+				want := greyNew
+				if first, ok := modelGrey[k]; !ok {
+					modelGrey[k] = now
+				} else if a := now - first; a < minDelay {
+					want = greyTooSoon
+				} else if a < window {
+					want = greyRetryOK
+				} else {
+					want, modelGrey[k] = greyStale, now
+				}
+				if got != want {
+					t.Fatalf("triplet %d at %d: got %d, want %d", arg%16, now, got, want)
+				}
+			case 2: // a client becomes known
+				k := ckey(uint32(arg % 8))
+				tb.markKnown(k, now, testExpiry)
+				modelKnown[k] = now
+			case 3: // a client is looked up
+				k := ckey(uint32(arg % 8))
+				got := tb.refreshKnown(k, now, lifetime)
+				last, ok := modelKnown[k]
+				want := ok && now-last < lifetime
+				if want {
+					modelKnown[k] = now
+				}
+				if got != want {
+					t.Fatalf("client %d at %d: got %v, want %v", arg%8, now, got, want)
+				}
+			}
+			if arg == 255 { // a sweep
+				for i := range tb.shards {
+					tb.sweepShard(i, now, testExpiry)
+				}
+				for k, v := range modelGrey {
+					if now-v >= testExpiry.greyLifetime {
+						delete(modelGrey, k)
+					}
+				}
+				for k, v := range modelKnown {
+					if now-v >= testExpiry.knownLifetime {
+						delete(modelKnown, k)
+					}
+				}
+			}
+		}
+		known, grey := tb.counts()
+		if known != len(modelKnown) || grey != len(modelGrey) {
+			t.Fatalf("table holds %d known, %d grey; model %d, %d", known, grey, len(modelKnown), len(modelGrey))
+		}
+	})
+}
+
+// TestTableConcurrent hammers one table from several goroutines with
+// overlapping keys, sweeps and snapshots (for -race).
+func TestTableConcurrent(t *testing.T) {
+	tb := newTable(8, 5000)
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := range uint64(5000) {
+				now := uint32(1_000_000 + i)
+				tb.observeTriplet(tkey(i%3000), now, 300, 43200, testExpiry)
+				tb.markKnown(ckey(uint32(i%700)+uint32(w)), now, testExpiry)
+				tb.refreshKnown(ckey(uint32(i%500)), now, 604800)
+			}
+		})
+	}
+	wg.Go(func() {
+		var k []knownEntry
+		var g []greyEntry
+		for range 20 {
+			for i := range tb.shards {
+				tb.sweepShard(i, 1_002_000, testExpiry)
+				k, g = tb.appendShard(i, k[:0], g[:0])
+			}
+		}
+	})
+	wg.Wait()
+	if known, grey := tb.counts(); known+grey > tb.capacity() {
+		t.Fatalf("%d entries over the cap %d", known+grey, tb.capacity())
+	}
+}
