@@ -119,7 +119,6 @@ func parseRange(s string) (p netip.Prefix, masked bool, err error) {
 		if err != nil || addr.Zone() != "" {
 			return p, false, fmt.Errorf("bad IPv6 address %q", addrText)
 		}
-		addr = addr.Unmap()
 		defBits = addr.BitLen()
 	} else {
 		addr, defBits, err = parseShortIPv4(addrText)
@@ -133,6 +132,13 @@ func parseRange(s string) (p netip.Prefix, masked bool, err error) {
 		if err != nil || bits < 0 || bits > addr.BitLen() || bitsText[0] == '+' {
 			return p, false, fmt.Errorf("bad prefix length %q in %q (want 0 to %d)", bitsText, s, addr.BitLen())
 		}
+	}
+	if addr.Is4In6() {
+		// Clients are matched unmapped: ::ffff:a.b.c.d/n is IPv4 /n-96.
+		if bits < 96 {
+			return p, false, fmt.Errorf("prefix %q is shorter than ::ffff:0:0/96", s)
+		}
+		addr, bits = addr.Unmap(), bits-96
 	}
 	p = netip.PrefixFrom(addr, bits)
 	m := p.Masked()
