@@ -137,10 +137,20 @@ const (
 // found.
 func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp expiry) greyState {
 	s := t.shardFor(k.shardHash())
+	// Retries that change nothing (too soon, good) need only the read lock.
+	s.mu.RLock()
+	first, ok := s.grey[k]
+	s.mu.RUnlock()
+	if a := age(now, first); ok && a < window {
+		if a < minDelay {
+			return greyTooSoon
+		}
+		return greyRetryOK
+	}
 	var evicted int
 	state := greyNew
 	s.mu.Lock()
-	first, ok := s.grey[k]
+	first, ok = s.grey[k]
 	switch a := age(now, first); {
 	case !ok:
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
