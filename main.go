@@ -67,6 +67,10 @@ type daemon struct {
 	// onReady, if set, is called with the socket's address once the
 	// daemon answers requests. Tests use it.
 	onReady func(net.Addr)
+	// saveNow, if set, asks for a save at once, as SIGUSR1 does.
+	saveNow chan struct{}
+	// onSave, if set, is called after every save with its outcome.
+	onSave func(saveStats, error)
 }
 
 // run starts the daemon, serves until ctx is done, then stops reading,
@@ -137,20 +141,21 @@ func (d *daemon) run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { g.sweep(bg, time.Minute) })
 	wg.Go(func() { dlog.flushEvery(bg, time.Second) })
-	saveNow := make(chan os.Signal, 1)
-	signal.Notify(saveNow, syscall.SIGUSR1)
-	defer signal.Stop(saveNow)
-	var saveMu sync.Mutex
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
 	save := func(why string) {
-		saveMu.Lock()
-		defer saveMu.Unlock()
 		st, err := snap.save()
+		if d.onSave != nil {
+			d.onSave(st, err)
+		}
 		if err != nil {
-			log.Errorf("cannot save state (%s), keeping the previous snapshot: %v", why, err)
+			log.Errorf("cannot save state (%s), keeping the previous snapshot; will retry: %v", why, err)
 			return
 		}
-		log.Debugf("saved %d known IPs and %d grey triplets to %q (%d bytes, %v, %s)",
-			st.known, st.grey, cfg.StateFile, st.bytes, st.elapsed.Round(time.Millisecond), why)
+		log.Debugf("saved %d known IPs and %d grey triplets to %q (%d bytes, %v, %s); %d evicted, %d expired so far",
+			st.known, st.grey, cfg.StateFile, st.bytes, st.elapsed.Round(time.Millisecond), why,
+			tbl.evicted.Load(), tbl.expired.Load())
 	}
 	wg.Go(func() {
 		t := time.NewTicker(cfg.SaveInterval.Duration)
@@ -161,8 +166,10 @@ func (d *daemon) run(ctx context.Context) error {
 				return
 			case <-t.C:
 				save("timer")
-			case <-saveNow:
+			case <-usr1:
 				save("SIGUSR1")
+			case <-d.saveNow:
+				save("request")
 			}
 		}
 	})
@@ -178,7 +185,7 @@ func (d *daemon) run(ctx context.Context) error {
 	conn.Close() // unblocks every reader
 	serveErr := <-served
 	stopBackground()
-	wg.Wait()
+	wg.Wait() // the saver has finished: the final save runs alone
 	save("shutdown")
 	if err := dlog.flush(); err != nil {
 		log.Errorf("cannot write the decision log: %v", err)

@@ -10,10 +10,11 @@ import (
 	"testing"
 )
 
-// TestMain lets the test binary act as a child process that drops
-// privileges and reports what it has: a process that switched user cannot
-// switch back, so the switch is tested in a child.
+// TestMain lets the test binary act as a child process: a daemon (for the
+// SIGKILL tests), or a process that drops privileges and reports what it
+// has (a process that switched user cannot switch back).
 func TestMain(m *testing.M) {
+	runChildDaemonIfAsked()
 	if name := os.Getenv("GREYDAEMON_TEST_DROP_TO"); name != "" {
 		if err := dropPrivileges(name); err != nil {
 			fmt.Println("error:", err)

@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -256,6 +257,7 @@ type loadStats struct {
 // an error wrapping errCorrupt; the table may then hold part of it, so the
 // caller should start over with an empty table.
 func (s *snapshotter) load() (loadStats, error) {
+	s.removeStaleTemps()
 	data, err := os.ReadFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return loadStats{format: "missing"}, nil
@@ -284,6 +286,22 @@ func (s *snapshotter) load() (loadStats, error) {
 	}
 	s.keepPerl = true
 	return st, nil
+}
+
+// removeStaleTemps removes temporary files that a save killed midway (by
+// SIGKILL or a crash) left next to the state file. Only names that save
+// itself makes are touched.
+func (s *snapshotter) removeStaleTemps() {
+	dir, base := filepath.Split(s.path)
+	if dir == "" {
+		dir = "."
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), base+".tmp-") && e.Type().IsRegular() {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
 }
 
 // restore inserts one loaded entry unless it has expired, and reports

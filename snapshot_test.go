@@ -297,3 +297,56 @@ func FuzzPerlSave(f *testing.F) {
 		}
 	})
 }
+
+// TestPerlFixtures loads every Perl save-file fixture and checks what was
+// loaded, skipped and how the loaded state answers.
+func TestPerlFixtures(t *testing.T) {
+	for _, tt := range []struct {
+		file                  string
+		known, grey, exp, bad int
+		steps                 []step
+	}{
+		{"normal.save", 2, 3, 0, 0, []step{
+			{0, req("192.0.2.1", alice, bob), AcceptKnownIP, nil},
+			{0, req("198.51.100.20", alice, bob), AcceptKnownIP, nil},
+			{0, req("192.0.2.7", alice, bob), AcceptRetried, nil},
+			{0, req("192.0.2.5", alice, bob), GreyNew, nil},
+		}},
+		{"ipv6.save", 1, 1, 0, 0, []step{
+			{0, req("2001:DB8::1", alice, bob), AcceptKnownIP, nil},
+			{0, req("2001:db8:0:0::7", alice, bob), AcceptRetried, nil},
+		}},
+		{"odd_lines.save", 1, 1, 0, 5, []step{
+			{0, req("192.0.2.1", alice, bob), AcceptKnownIP, nil},
+			{0, req("192.0.2.7", alice, bob), AcceptRetried, nil},
+		}},
+		{"crlf.save", 1, 1, 0, 0, []step{
+			{0, req("192.0.2.7", alice, bob), AcceptRetried, nil},
+		}},
+		{"expired.save", 1, 1, 4, 0, []step{
+			{0, req("192.0.2.99", alice, bob), GreyNew, nil},
+			{0, req("192.0.2.97", alice, bob), AcceptKnownIP, nil},
+			{0, req("192.0.2.8", "old@sender.example", "carol@rcpt.example"), GreyNew, nil},
+			{0, req("192.0.2.8", "old@sender.example", "dave@rcpt.example"), GreyStale, nil},
+		}},
+	} {
+		t.Run(tt.file, func(t *testing.T) {
+			clock := newFakeClock()
+			data, err := os.ReadFile(filepath.Join("testdata", "perl", tt.file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(t.TempDir(), "state")
+			os.WriteFile(path, data, 0o600)
+			s := newTestSnapshotter(t, path, clock)
+			st, err := s.load()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.format != "perl" || st.known != tt.known || st.grey != tt.grey || st.expired != tt.exp || st.bad != tt.bad {
+				t.Fatalf("got %+v, want known %d grey %d expired %d bad %d", st, tt.known, tt.grey, tt.exp, tt.bad)
+			}
+			runSteps(t, NewGreylister(s.table, testPolicy, nil, clock.now), clock, tt.steps)
+		})
+	}
+}
