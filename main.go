@@ -147,7 +147,7 @@ func (d *daemon) run(ctx context.Context) error {
 	save := func(why string) {
 		st, err := snap.save()
 		if d.onSave != nil {
-			d.onSave(st, err)
+			defer d.onSave(st, err)
 		}
 		if err != nil {
 			log.Errorf("cannot save state (%s), keeping the previous snapshot; will retry: %v", why, err)
