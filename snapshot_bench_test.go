@@ -76,7 +76,7 @@ func BenchmarkReplyDelayDuringSave(b *testing.B) {
 	saves := make(chan error, 1)
 	d := &daemon{cfg: &cfg, stdout: discard{}, stderr: discard{}, now: time.Now,
 		onReady: func(a net.Addr) { ready <- a }, saveNow: make(chan struct{}),
-		onSave:  func(_ saveStats, err error) { saves <- err }}
+		onSave: func(_ saveStats, err error) { saves <- err }}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.run(ctx) }()
