@@ -23,11 +23,11 @@ func dumpFile(path string, w io.Writer) error {
 		return fmt.Errorf("cannot read %q: %w", path, err)
 	}
 	type entry struct {
-		k [2]uint64
+		k [16]byte
 		t uint32
 	}
 	var known, grey []entry
-	add := func(kind int, k [2]uint64, t uint32) bool {
+	add := func(kind int, k [16]byte, t uint32) bool {
 		if kind == blockKnown {
 			known = append(known, entry{k, t})
 		} else {

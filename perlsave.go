@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -30,7 +29,7 @@ const maxBadLineReports = 5
 // reports whether it kept the entry (false: expired). Lines it cannot read
 // are counted and skipped. A file in which no line could be read, but some
 // could not, is not a save file at all: the error wraps errCorrupt.
-func readPerlSave(r io.Reader, add func(kind int, k [2]uint64, t uint32) bool) (loadStats, error) {
+func readPerlSave(r io.Reader, add func(kind int, k [16]byte, t uint32) bool) (loadStats, error) {
 	st := loadStats{format: "perl"}
 	var kb keyBuilder
 	var firstBad []string
@@ -70,7 +69,7 @@ func readPerlSave(r io.Reader, add func(kind int, k [2]uint64, t uint32) bool) (
 }
 
 // parsePerlLine parses one save-file line.
-func parsePerlLine(kb *keyBuilder, line []byte) (kind int, k [2]uint64, t uint32, err error) {
+func parsePerlLine(kb *keyBuilder, line []byte) (kind int, k [16]byte, t uint32, err error) {
 	tag, rest, ok := bytes.Cut(line, []byte{' '})
 	if !ok || len(tag) != 1 {
 		return 0, k, 0, fmt.Errorf("not an I or G line")
@@ -117,22 +116,19 @@ func parsePerlLine(kb *keyBuilder, line []byte) (kind int, k [2]uint64, t uint32
 
 // parseFingerprint parses "#<32 hex digits>", dump's form of a key it cannot
 // write as text.
-func parseFingerprint(b []byte) ([2]uint64, bool) {
+func parseFingerprint(b []byte) ([16]byte, bool) {
 	var raw [16]byte
 	if len(b) != 33 || b[0] != '#' {
-		return [2]uint64{}, false
+		return raw, false
 	}
 	if _, err := hex.Decode(raw[:], b[1:]); err != nil {
-		return [2]uint64{}, false
+		return raw, false
 	}
-	return [2]uint64{binary.BigEndian.Uint64(raw[:8]), binary.BigEndian.Uint64(raw[8:])}, true
+	return raw, true
 }
 
 // appendFingerprint appends "#<32 hex digits>" for k.
-func appendFingerprint(dst []byte, k [2]uint64) []byte {
+func appendFingerprint(dst []byte, k [16]byte) []byte {
 	dst = append(dst, '#')
-	for _, w := range k {
-		dst = fmt.Appendf(dst, "%016x", w)
-	}
-	return dst
+	return hex.AppendEncode(dst, k[:])
 }

@@ -9,13 +9,13 @@ import (
 	"time"
 )
 
-// A server answers qmail greylisting requests on one UDP socket with a fixed
-// set of reader goroutines, each owning its buffers, so that serving a
+// A server answers qmail greylisting requests on its UDP sockets with a
+// fixed set of reader goroutines, each owning its buffers, so that serving a
 // request allocates nothing.
 type server struct {
 	g     *Greylister
-	conn  *net.UDPConn
-	dlog  *decisionLog // decision lines; nil logs nothing
+	conns []*net.UDPConn // bound to one address with SO_REUSEPORT when more than one
+	dlog  *decisionLog   // decision lines; nil logs nothing
 	log   *logger
 	debug bool
 
@@ -48,32 +48,30 @@ func newWorker() *worker {
 	}
 }
 
-// serve runs n reader goroutines until the socket is closed, then returns
-// nil once all of them have finished the request they were handling. It
-// returns early only if it cannot start.
-func (s *server) serve(n int) error {
-	if n < 1 {
-		n = 1
-	}
+// serve runs n reader goroutines per socket until the sockets are closed,
+// and returns once all of them have finished the requests they were
+// handling.
+func (s *server) serve(n int) {
 	var wg sync.WaitGroup
-	for range n {
-		wg.Go(func() {
-			w := newWorker()
-			if !s.readLoopBatch(w) {
-				s.readLoop(w)
-			}
-		})
+	for _, conn := range s.conns {
+		for range max(n, 1) {
+			wg.Go(func() {
+				w := newWorker()
+				if !s.readLoopBatch(w, conn) {
+					s.readLoop(w, conn)
+				}
+			})
+		}
 	}
 	wg.Wait()
-	return nil
 }
 
 // readLoop reads and answers datagrams one system call at a time until
 // the socket is closed. It serves where batched I/O is not available.
-func (s *server) readLoop(w *worker) {
+func (s *server) readLoop(w *worker, conn *net.UDPConn) {
 	w.buf = make([]byte, maxRequestSize+1)
 	for {
-		n, peer, err := s.conn.ReadFromUDPAddrPort(w.buf)
+		n, peer, err := conn.ReadFromUDPAddrPort(w.buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
@@ -90,7 +88,7 @@ func (s *server) readLoop(w *worker) {
 		if reply == nil {
 			continue
 		}
-		if _, err := s.conn.WriteToUDPAddrPort(reply, peer); err != nil {
+		if _, err := conn.WriteToUDPAddrPort(reply, peer); err != nil {
 			if rarely(&s.stats.writeErrors, 1) {
 				s.log.Errorf("cannot send reply to %s: %v", peer, err)
 			}
@@ -117,8 +115,8 @@ const readBatchSize = 16
 // readLoopBatch reads and answers datagrams in batches until the socket is
 // closed. It returns false at once if batched I/O is not available, so that
 // the caller falls back to readLoop.
-func (s *server) readLoopBatch(w *worker) bool {
-	bc, err := newBatchConn(s.conn, readBatchSize, maxRequestSize+1)
+func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
+	bc, err := newBatchConn(conn, readBatchSize, maxRequestSize+1)
 	if err != nil {
 		return false
 	}

@@ -329,3 +329,35 @@ func TestServePathAllocatesNothing(t *testing.T) {
 		}
 	}
 }
+
+// TestReusePortSockets checks that several SO_REUSEPORT sockets share one
+// port and that a server on them answers clients spread over all of them.
+func TestReusePortSockets(t *testing.T) {
+	conns, err := listenUDP(&net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := conns[0].LocalAddr().(*net.UDPAddr).Port
+	for _, c := range conns[1:] {
+		if p := c.LocalAddr().(*net.UDPAddr).Port; p != port {
+			t.Fatalf("socket on port %d, want %d", p, port)
+		}
+	}
+	g, _ := newTestGreylister(t, "")
+	srv := &server{g: g, conns: conns, log: &logger{w: io.Discard}}
+	served := make(chan struct{})
+	go func() { srv.serve(1); close(served) }()
+	addr := conns[0].LocalAddr().(*net.UDPAddr)
+	for i := range 20 {
+		conn := dial(t, addr)
+		if got := exchange(t, conn, req(fmt.Sprintf("192.0.2.%d", i), alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+			t.Fatalf("client %d: reply %x", i, got)
+		}
+	}
+	closeAll(conns)
+	select {
+	case <-served:
+	case <-time.After(10 * time.Second):
+		t.Fatal("serve did not return after the sockets closed")
+	}
+}

@@ -189,9 +189,8 @@ func (s *snapshotter) encode(w io.Writer, st *saveStats) error {
 	return nil
 }
 
-func appendEntry(dst []byte, k [2]uint64, t uint32) []byte {
-	dst = binary.BigEndian.AppendUint64(dst, k[0])
-	dst = binary.BigEndian.AppendUint64(dst, k[1])
+func appendEntry(dst []byte, k [16]byte, t uint32) []byte {
+	dst = append(dst, k[:]...)
 	return binary.BigEndian.AppendUint32(dst, t)
 }
 
@@ -270,7 +269,7 @@ func (s *snapshotter) load() (loadStats, error) {
 		return loadStats{format: "empty"}, nil
 	}
 	if bytes.HasPrefix(data, snapshotPrefix) {
-		st, err := decodeSnapshot(data, func(kind int, k [2]uint64, t uint32) bool {
+		st, err := decodeSnapshot(data, func(kind int, k [16]byte, t uint32) bool {
 			return s.restore(kind, k, t, now)
 		})
 		if err != nil {
@@ -278,7 +277,7 @@ func (s *snapshotter) load() (loadStats, error) {
 		}
 		return st, nil
 	}
-	st, err := readPerlSave(bytes.NewReader(data), func(kind int, k [2]uint64, t uint32) bool {
+	st, err := readPerlSave(bytes.NewReader(data), func(kind int, k [16]byte, t uint32) bool {
 		return s.restore(kind, k, t, now)
 	})
 	if err != nil {
@@ -306,7 +305,7 @@ func (s *snapshotter) removeStaleTemps() {
 
 // restore inserts one loaded entry unless it has expired, and reports
 // whether it did.
-func (s *snapshotter) restore(kind int, k [2]uint64, t, now uint32) bool {
+func (s *snapshotter) restore(kind int, k [16]byte, t, now uint32) bool {
 	exp := s.policy.expiry()
 	switch kind {
 	case blockKnown:
@@ -326,7 +325,7 @@ func (s *snapshotter) restore(kind int, k [2]uint64, t, now uint32) bool {
 // decodeSnapshot checks and decodes a snapshot file's bytes, calling add for
 // every entry; add reports whether it kept the entry. Every count and length
 // is checked against the bytes that remain before it is used.
-func decodeSnapshot(data []byte, add func(kind int, k [2]uint64, t uint32) bool) (loadStats, error) {
+func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool) (loadStats, error) {
 	st := loadStats{format: "msgpack"}
 	if len(data) < len(snapshotPrefix)+checksumSize {
 		return st, fmt.Errorf("%w: truncated (%d bytes)", errCorrupt, len(data))
@@ -393,7 +392,7 @@ func decodeSnapshot(data []byte, add func(kind int, k [2]uint64, t uint32) bool)
 			return fail("short block", err)
 		}
 		for e := block; len(e) >= entrySize; e = e[entrySize:] {
-			k := [2]uint64{binary.BigEndian.Uint64(e), binary.BigEndian.Uint64(e[8:])}
+			k := [16]byte(e[:16])
 			t := binary.BigEndian.Uint32(e[16:])
 			switch {
 			case !add(int(kind), k, t):

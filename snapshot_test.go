@@ -108,7 +108,7 @@ func TestSnapshotCorruption(t *testing.T) {
 		t.Fatal(err)
 	}
 	good, _ := os.ReadFile(path)
-	add := func(int, [2]uint64, uint32) bool { return true }
+	add := func(int, [16]byte, uint32) bool { return true }
 	for n := 1; n < len(good); n++ {
 		if _, err := decodeSnapshot(good[:n], add); !errors.Is(err, errCorrupt) {
 			t.Fatalf("truncated to %d of %d bytes: got %v", n, len(good), err)
@@ -276,7 +276,7 @@ func FuzzLoadSnapshot(f *testing.F) {
 	f.Add(good)
 	f.Add([]byte(perlSave))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		_, err := decodeSnapshot(data, func(int, [2]uint64, uint32) bool { return true })
+		_, err := decodeSnapshot(data, func(int, [16]byte, uint32) bool { return true })
 		if err != nil && !errors.Is(err, errCorrupt) {
 			t.Fatalf("error does not wrap errCorrupt: %v", err)
 		}
@@ -288,7 +288,7 @@ func FuzzPerlSave(f *testing.F) {
 	f.Add([]byte("G 1 #0123456789abcdef0123456789abcdef\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		n := 0
-		st, err := readPerlSave(bytes.NewReader(data), func(int, [2]uint64, uint32) bool { n++; return true })
+		st, err := readPerlSave(bytes.NewReader(data), func(int, [16]byte, uint32) bool { n++; return true })
 		if err != nil && !errors.Is(err, errCorrupt) {
 			t.Fatalf("error does not wrap errCorrupt: %v", err)
 		}

@@ -10,7 +10,12 @@ import (
 
 var testExpiry = testPolicy.expiry()
 
-func tkey(i uint64) tripletKey { return tripletKey{mix64(i), mix64(i + 1<<40)} }
+func tkey(i uint64) tripletKey {
+	var k tripletKey
+	binary.BigEndian.PutUint64(k[:8], mix64(i))
+	binary.BigEndian.PutUint64(k[8:], mix64(i+1<<40))
+	return k
+}
 
 func ckey(i uint32) clientKey {
 	var b [4]byte
