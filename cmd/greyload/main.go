@@ -3,7 +3,7 @@
 // Usage:
 //
 //	greyload run  [-addr host:port] [-sockets 4] [-inflight 4] [-duration 10s] [-rate 0] [-mix 50,30,20] [-warmup 3s]
-//	greyload null [-listen 127.0.0.1:2999] [-readers 0]
+//	greyload null [-listen 127.0.0.1:2999] [-readers 0] [-batch 0]
 //	greyload fill [-addr host:port] -pid PID [-n 1000000]
 //
 // run keeps -inflight requests in flight on each of -sockets connected UDP
@@ -17,7 +17,8 @@
 // as lost.
 //
 // null answers every datagram with two fixed bytes and does nothing else:
-// the baseline that shows what the machine's UDP path costs.
+// the baseline that shows what the machine's UDP path costs. With -batch it
+// reads and answers many datagrams per system call, as greydaemon does.
 //
 // fill sends -n unique triplets to the server and reports the growth of the
 // server's resident memory (from /proc/PID/status) per triplet.
@@ -34,6 +35,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/net/ipv4"
 )
 
 func main() {
@@ -187,36 +190,49 @@ func makeKnown(raddr *net.UDPAddr, n int, runID int64, wait time.Duration) error
 func knownIP(i int) string { return fmt.Sprintf("10.200.%d.%d", i/250, 1+i%250) }
 
 // loadSocket runs one socket's share of the load until deadline, in one
-// goroutine: it fills the window of in-flight requests, then sends one more
-// for each reply it reads.
+// goroutine: it sends while fewer than inflight requests are unanswered
+// (and, with a rate, when the next send is due), and otherwise waits for a
+// reply, never longer than until the next send is due.
 func loadSocket(conn *net.UDPConn, st *stats, sock int, runID int64, inflight int, deadline time.Time, interval time.Duration, pNew, pRetry, nKnown int) {
 	g := newGenerator(sock, runID, pNew, pRetry, nKnown)
 	pending := make([]time.Time, 0, inflight) // send times, oldest first
 	buf := make([]byte, 16)
-	next := time.Now()
-	send := func() {
-		if interval > 0 {
-			next = next.Add(interval)
-			if wait := time.Until(next); wait > 0 {
-				time.Sleep(wait)
+	now := time.Now()
+	nextSend, lastReply := now, now
+	for {
+		sending := now.Before(deadline)
+		if !sending && len(pending) == 0 {
+			return
+		}
+		if sending && len(pending) < inflight && !now.Before(nextSend) {
+			pending = append(pending, now)
+			st.sent++
+			conn.Write(g.next())
+			if interval > 0 {
+				nextSend = nextSend.Add(interval)
+				if nextSend.Before(now.Add(-time.Second)) {
+					nextSend = now // fell far behind: do not burst to catch up
+				}
 			}
-		}
-		pending = append(pending, time.Now())
-		st.sent++
-		conn.Write(g.next())
-	}
-	for time.Now().Before(deadline) || len(pending) > 0 {
-		for len(pending) < inflight && time.Now().Before(deadline) {
-			send()
-		}
-		conn.SetReadDeadline(time.Now().Add(time.Second))
-		if _, err := conn.Read(buf); err != nil {
-			// Everything pending for a second is lost.
-			st.lost += uint64(len(pending))
-			pending = pending[:0]
+			now = time.Now()
 			continue
 		}
-		now := time.Now()
+		wait := now.Add(time.Second)
+		if sending && len(pending) < inflight && nextSend.Before(wait) {
+			wait = nextSend
+		}
+		conn.SetReadDeadline(wait)
+		_, err := conn.Read(buf)
+		now = time.Now()
+		if err != nil {
+			if len(pending) > 0 && now.Sub(lastReply) >= time.Second {
+				st.lost += uint64(len(pending)) // unanswered for a second
+				pending = pending[:0]
+				lastReply = now
+			}
+			continue
+		}
+		lastReply = now
 		if len(pending) > 0 {
 			st.latencies = append(st.latencies, now.Sub(pending[0]))
 			pending = append(pending[:0], pending[1:]...)
@@ -275,7 +291,8 @@ func (g *generator) next() []byte {
 func runNull(args []string) error {
 	fs := flag.NewFlagSet("null", flag.ExitOnError)
 	listen := fs.String("listen", "127.0.0.1:2999", "address to answer on")
-	readers := fs.Int("readers", 0, "reader goroutines (0: as greydaemon, max(2, GOMAXPROCS))")
+	readers := fs.Int("readers", 0, "reader goroutines (0: max(2, GOMAXPROCS))")
+	batch := fs.Int("batch", 0, "read and answer up to this many datagrams per system call (recvmmsg/sendmmsg)")
 	fs.Parse(args)
 	laddr, err := net.ResolveUDPAddr("udp", *listen)
 	if err != nil {
@@ -293,6 +310,10 @@ func runNull(args []string) error {
 	}
 	var wg sync.WaitGroup
 	for range n {
+		if *batch > 0 {
+			wg.Go(func() { nullBatch(conn, *batch) })
+			continue
+		}
 		wg.Go(func() {
 			buf := make([]byte, 65536)
 			reply := []byte{1, 3}
@@ -307,6 +328,35 @@ func runNull(args []string) error {
 	}
 	wg.Wait()
 	return nil
+}
+
+// nullBatch answers datagrams in batches with golang.org/x/net's
+// ReadBatch and WriteBatch.
+func nullBatch(conn *net.UDPConn, size int) {
+	pc := ipv4.NewPacketConn(conn)
+	in := make([]ipv4.Message, size)
+	out := make([]ipv4.Message, size)
+	reply := []byte{1, 3}
+	for i := range in {
+		in[i].Buffers = [][]byte{make([]byte, 65536)}
+		out[i].Buffers = [][]byte{reply}
+	}
+	for {
+		n, err := pc.ReadBatch(in, 0)
+		if err != nil {
+			return
+		}
+		for i := range n {
+			out[i].Addr = in[i].Addr
+		}
+		for sent := 0; sent < n; {
+			k, err := pc.WriteBatch(out[sent:n], 0)
+			if err != nil {
+				break
+			}
+			sent += k
+		}
+	}
 }
 
 func runFill(args []string) error {
