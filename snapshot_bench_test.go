@@ -132,3 +132,35 @@ func BenchmarkReplyDelayDuringSave(b *testing.B) {
 	b.ReportMetric(float64(nSaves), "saves")
 	os.Remove(cfg.StateFile)
 }
+
+// BenchmarkStartup measures the time from starting a daemon whose state
+// file holds 1M entries to its first answered request.
+func BenchmarkStartup(b *testing.B) {
+	path := writeBenchSnapshot(b)
+	buf := make([]byte, 16)
+	for b.Loop() {
+		cfg := defaultConfig()
+		cfg.StateFile = path
+		cfg.Listen = "127.0.0.1:0"
+		ready := make(chan net.Addr, 1)
+		d := &daemon{cfg: &cfg, stdout: discard{}, stderr: discard{}, now: time.Now,
+			onReady: func(a net.Addr) { ready <- a }}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- d.run(ctx) }()
+		conn, err := net.DialUDP("udp", nil, (<-ready).(*net.UDPAddr))
+		if err != nil {
+			b.Fatal(err)
+		}
+		conn.Write(req("192.0.2.1", alice, bob))
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := conn.Read(buf); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		conn.Close()
+		cancel()
+		<-done
+		b.StartTimer()
+	}
+}

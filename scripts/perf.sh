@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Reproduces the README's Performance figures on this machine: greydaemon
+# beside the null responders under the same load, in one run, three times
+# each, alternating; then the latency at half the rate, and memory per
+# triplet. Prints medians. Everything runs on 127.0.0.1 and stops by itself.
+#
+#   bash scripts/perf.sh [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
+go build -o "$tmp/greydaemon" .
+go build -o "$tmp/greyload" ./cmd/greyload
+
+"$tmp/greyload" null -listen 127.0.0.1:29991 2>/dev/null &
+"$tmp/greyload" null -listen 127.0.0.1:29992 -batch 16 2>/dev/null &
+sleep 0.3
+
+# A fresh daemon per run, with a 1.2 s minimum delay so greyload can make
+# IPs known; decision log lines written (to /dev/null), as in production.
+grey() {
+  rm -f "$tmp/state"*
+  "$tmp/greydaemon" -m 0.02 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
+  local pid=$!
+  sleep 0.3
+  "$tmp/greyload" run -addr 127.0.0.1:29990 -duration "${secs}s" -warmup 2s "$@"
+  kill $pid; wait $pid 2>/dev/null || true
+}
+rate() { awk '{print $2}'; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+: >"$tmp/g"; : >"$tmp/n"; : >"$tmp/b"
+for run in 1 2 3; do
+  grey | tee -a "$tmp/g.log" | rate >>"$tmp/g"
+  "$tmp/greyload" run -addr 127.0.0.1:29991 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
+  "$tmp/greyload" run -addr 127.0.0.1:29992 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/b.log" | rate >>"$tmp/b"
+done
+g=$(median <"$tmp/g"); n=$(median <"$tmp/n"); b=$(median <"$tmp/b")
+echo "--- throughput, medians of 3 (4 sockets x 4 in flight; mix 50% new, 30% retries, 20% known IPs)"
+echo "greydaemon            $g requests/s"
+echo "null responder        $n requests/s   (greydaemon at $((100 * g / n))%)"
+echo "batched null responder $b requests/s   (greydaemon at $((100 * g / b))%)"
+
+half=$((g / 2))
+echo "--- latency at half that rate ($half requests/s)"
+grey -rate "$half"
+
+echo "--- memory: 1,000,000 unique triplets"
+rm -f "$tmp/state"*
+"$tmp/greydaemon" 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
+pid=$!
+sleep 0.3
+"$tmp/greyload" fill -addr 127.0.0.1:29990 -pid $pid -n 1000000
+kill $pid; wait $pid 2>/dev/null || true
