@@ -120,14 +120,14 @@ func (d *daemon) run(ctx context.Context) error {
 		debug.SetGCPercent(50)
 	}
 	policy := policyFromConfig(cfg)
-	tbl := newTable(defaultShards, cfg.MaxEntries)
+	tbl := newTable(shardsFor(cfg.MaxEntries), cfg.MaxEntries)
 	snap := &snapshotter{path: cfg.StateFile, table: tbl, policy: policy, now: d.now}
 	start := time.Now()
 	st, err := snap.load()
 	switch {
 	case errors.Is(err, errCorrupt):
 		log.Errorf("state file is damaged, starting with an empty table: %v", err)
-		tbl = newTable(defaultShards, cfg.MaxEntries)
+		tbl = newTable(shardsFor(cfg.MaxEntries), cfg.MaxEntries)
 		snap = &snapshotter{path: cfg.StateFile, table: tbl, policy: policy, now: d.now}
 		if aside, err := setAside(cfg.StateFile, d.now()); err != nil {
 			log.Errorf("%v", err)
@@ -204,6 +204,3 @@ func (d *daemon) run(ctx context.Context) error {
 	return nil
 }
 
-// defaultShards is the number of table shards: enough that two cores
-// rarely meet on one lock and a sweep holds each lock briefly.
-const defaultShards = 256

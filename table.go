@@ -54,6 +54,22 @@ type expiry struct {
 	greyLifetime  uint32 // a grey triplet this old may be dropped
 }
 
+// defaultShards is the number of shards of a table of the default size:
+// enough that cores rarely meet on one lock.
+const defaultShards = 256
+
+// shardsFor returns the number of shards for a table capped at maxEntries:
+// at least defaultShards, and more for large caps so that a full shard holds
+// about 8192 entries and a sweep or an eviction scan holds its lock for
+// well under a millisecond.
+func shardsFor(maxEntries int) int {
+	n := defaultShards
+	for n < 1<<16 && maxEntries/n > 8192 {
+		n <<= 1
+	}
+	return n
+}
+
 // minShardCap is the smallest per-shard cap, so that tiny max_entries values
 // still leave every shard room to work.
 const minShardCap = 16

@@ -242,3 +242,11 @@ func TestTableConcurrent(t *testing.T) {
 		t.Fatalf("%d entries over the cap %d", known+grey, tb.capacity())
 	}
 }
+
+func TestShardsFor(t *testing.T) {
+	for maxEntries, want := range map[int]int{1000: 256, 2_000_000: 256, 2_100_000: 512, 20_000_000: 4096} {
+		if got := shardsFor(maxEntries); got != want {
+			t.Errorf("shardsFor(%d) = %d, want %d", maxEntries, got, want)
+		}
+	}
+}

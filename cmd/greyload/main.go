@@ -304,14 +304,20 @@ func runNull(args []string) error {
 	}
 	conn.SetReadBuffer(4 << 20)
 	fmt.Fprintf(os.Stderr, "greyload: null responder on %s\n", conn.LocalAddr())
-	n := *readers
-	if n == 0 {
-		n = max(2, runtime.GOMAXPROCS(0))
+	serveNull(conn, *readers, *batch)
+	return nil
+}
+
+// serveNull answers every datagram on conn with two fixed bytes until conn
+// is closed.
+func serveNull(conn *net.UDPConn, readers, batch int) {
+	if readers == 0 {
+		readers = max(2, runtime.GOMAXPROCS(0))
 	}
 	var wg sync.WaitGroup
-	for range n {
-		if *batch > 0 {
-			wg.Go(func() { nullBatch(conn, *batch) })
+	for range readers {
+		if batch > 0 {
+			wg.Go(func() { nullBatch(conn, batch) })
 			continue
 		}
 		wg.Go(func() {
@@ -327,7 +333,6 @@ func runNull(args []string) error {
 		})
 	}
 	wg.Wait()
-	return nil
 }
 
 // nullBatch answers datagrams in batches with golang.org/x/net's
