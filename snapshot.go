@@ -36,7 +36,6 @@ import (
 const (
 	snapshotMagic   = "greydaemon-snapshot"
 	snapshotVersion = 1
-	entrySize       = 20
 	blockEnd        = 0
 	blockKnown      = 1
 	blockGrey       = 2
@@ -65,9 +64,8 @@ type snapshotter struct {
 	// first keeps the original as path+".perl".
 	keepPerl bool
 
-	known []knownEntry
-	grey  []greyEntry
-	block []byte
+	// Records of the shard being written, reused from save to save.
+	known, grey []byte
 }
 
 // saveStats describes one save.
@@ -155,27 +153,15 @@ func (s *snapshotter) encode(w io.Writer, st *saveStats) error {
 		}
 	}
 	for i := range s.table.shards {
-		s.known, s.grey = s.table.appendShard(i, s.known[:0], s.grey[:0])
-		if len(s.known) > 0 {
-			s.block = s.block[:0]
-			for _, e := range s.known {
-				s.block = appendEntry(s.block, e.client, e.lastSeen)
-			}
-			if err := writeBlock(enc, blockKnown, len(s.known), s.block); err != nil {
-				return err
-			}
+		s.known, s.grey = s.table.appendShardRecords(i, s.known[:0], s.grey[:0])
+		if err := writeBlock(enc, blockKnown, s.known); err != nil {
+			return err
 		}
-		if len(s.grey) > 0 {
-			s.block = s.block[:0]
-			for _, e := range s.grey {
-				s.block = appendEntry(s.block, e.triplet, e.firstSeen)
-			}
-			if err := writeBlock(enc, blockGrey, len(s.grey), s.block); err != nil {
-				return err
-			}
+		if err := writeBlock(enc, blockGrey, s.grey); err != nil {
+			return err
 		}
-		st.known += len(s.known)
-		st.grey += len(s.grey)
+		st.known += len(s.known) / recordSize
+		st.grey += len(s.grey) / recordSize
 	}
 	for _, err := range []error{
 		enc.EncodeUint(blockEnd),
@@ -189,19 +175,18 @@ func (s *snapshotter) encode(w io.Writer, st *saveStats) error {
 	return nil
 }
 
-func appendEntry(dst []byte, k [16]byte, t uint32) []byte {
-	dst = append(dst, k[:]...)
-	return binary.BigEndian.AppendUint32(dst, t)
-}
-
-func writeBlock(enc *msgpack.Encoder, kind, n int, data []byte) error {
+// writeBlock writes a block of records, unless it is empty.
+func writeBlock(enc *msgpack.Encoder, kind int, records []byte) error {
+	if len(records) == 0 {
+		return nil
+	}
 	if err := enc.EncodeUint(uint64(kind)); err != nil {
 		return err
 	}
-	if err := enc.EncodeUint(uint64(n)); err != nil {
+	if err := enc.EncodeUint(uint64(len(records) / recordSize)); err != nil {
 		return err
 	}
-	return enc.EncodeBytes(data)
+	return enc.EncodeBytes(records)
 }
 
 // A countingWriter counts the bytes written through it.
@@ -380,20 +365,19 @@ func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool) 
 			return fail(fmt.Sprintf("unknown block kind %d", kind), nil)
 		}
 		count, err := dec.DecodeUint64()
-		if err != nil || count > maxBlockEntries || count*entrySize > uint64(r.Len()) {
+		if err != nil || count > maxBlockEntries || count*recordSize > uint64(r.Len()) {
 			return fail(fmt.Sprintf("bad block count %d", count), err)
 		}
 		size, err := dec.DecodeBytesLen()
-		if err != nil || uint64(size) != count*entrySize || size > r.Len() {
+		if err != nil || uint64(size) != count*recordSize || size > r.Len() {
 			return fail(fmt.Sprintf("bad block size %d for %d entries", size, count), err)
 		}
 		block := make([]byte, size)
 		if err := dec.ReadFull(block); err != nil {
 			return fail("short block", err)
 		}
-		for e := block; len(e) >= entrySize; e = e[entrySize:] {
-			k := [16]byte(e[:16])
-			t := binary.BigEndian.Uint32(e[16:])
+		for e := block; len(e) >= recordSize; e = e[recordSize:] {
+			k, t := parseRecord(e)
 			switch {
 			case !add(int(kind), k, t):
 				st.expired++

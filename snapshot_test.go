@@ -18,12 +18,14 @@ func newTestSnapshotter(t testing.TB, path string, clock *fakeClock) *snapshotte
 func tableContents(t *table) (map[clientKey]uint32, map[tripletKey]uint32) {
 	known, grey := map[clientKey]uint32{}, map[tripletKey]uint32{}
 	for i := range t.shards {
-		k, g := t.appendShard(i, nil, nil)
-		for _, e := range k {
-			known[e.client] = e.lastSeen
+		k, g := t.appendShardRecords(i, nil, nil)
+		for ; len(k) > 0; k = k[recordSize:] {
+			key, v := parseRecord(k)
+			known[key] = v
 		}
-		for _, e := range g {
-			grey[e.triplet] = e.firstSeen
+		for ; len(g) > 0; g = g[recordSize:] {
+			key, v := parseRecord(g)
+			grey[key] = v
 		}
 	}
 	return known, grey

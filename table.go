@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 )
@@ -332,30 +333,32 @@ func (t *table) counts() (known, grey int) {
 	return known, grey
 }
 
-// A knownEntry is a known IP and when it was last seen.
-type knownEntry struct {
-	client   clientKey
-	lastSeen uint32
+// recordSize is the size of an entry record: 16-byte key, 4-byte time.
+const recordSize = 20
+
+// appendRecord appends the record of one entry to dst.
+func appendRecord(dst []byte, k [16]byte, t uint32) []byte {
+	dst = append(dst, k[:]...)
+	return binary.BigEndian.AppendUint32(dst, t)
 }
 
-// A greyEntry is a grey triplet and when it was first seen.
-type greyEntry struct {
-	triplet   tripletKey
-	firstSeen uint32
+// parseRecord returns the key and time of the record at the start of b.
+func parseRecord(b []byte) ([16]byte, uint32) {
+	return [16]byte(b[:16]), binary.BigEndian.Uint32(b[16:recordSize])
 }
 
-// appendShard appends the entries of shard i to known and grey and returns
-// the extended slices. It holds the shard's read lock while it copies; the
-// caller reuses the slices so that this does not allocate once they have
-// grown.
-func (t *table) appendShard(i int, known []knownEntry, grey []greyEntry) ([]knownEntry, []greyEntry) {
+// appendShardRecords appends the known IPs and the grey triplets of shard i
+// to known and grey as records, and returns the extended slices. It holds
+// the shard's read lock while it copies; the caller reuses the slices so
+// that this does not allocate once they have grown.
+func (t *table) appendShardRecords(i int, known, grey []byte) ([]byte, []byte) {
 	s := &t.shards[i]
 	s.mu.RLock()
 	for k, v := range s.known {
-		known = append(known, knownEntry{k, v})
+		known = appendRecord(known, k, v)
 	}
 	for k, v := range s.grey {
-		grey = append(grey, greyEntry{k, v})
+		grey = appendRecord(grey, k, v)
 	}
 	s.mu.RUnlock()
 	return known, grey

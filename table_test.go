@@ -228,12 +228,11 @@ func TestTableConcurrent(t *testing.T) {
 		})
 	}
 	wg.Go(func() {
-		var k []knownEntry
-		var g []greyEntry
+		var k, g []byte
 		for range 20 {
 			for i := range tb.shards {
 				tb.sweepShard(i, 1_002_000, testExpiry)
-				k, g = tb.appendShard(i, k[:0], g[:0])
+				k, g = tb.appendShardRecords(i, k[:0], g[:0])
 			}
 		}
 	})
