@@ -203,4 +203,3 @@ func (d *daemon) run(ctx context.Context) error {
 		srv.stats.requests.Load(), srv.stats.malformed.Load(), srv.stats.replies.Load())
 	return nil
 }
-
