@@ -232,17 +232,25 @@ func combine(v Verdict, r recipientResult) (next Verdict, stop bool) {
 
 // sweep runs until ctx is done, sweeping one shard of the table every
 // interval/len(shards), so that each shard is swept once per interval and no
-// lock is held for long.
-func (g *Greylister) sweep(ctx context.Context, interval time.Duration) {
+// lock is held for long. After each round over all shards it calls
+// roundDone, if set, with the number of entries the round deleted.
+func (g *Greylister) sweep(ctx context.Context, interval time.Duration, roundDone func(deleted int)) {
 	n := len(g.table.shards)
 	tick := time.NewTicker(max(interval/time.Duration(n), time.Millisecond))
 	defer tick.Stop()
+	deleted := 0
 	for i := 0; ; i = (i + 1) % n {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			g.table.sweepShard(i, g.clock(), g.policy.expiry())
+			deleted += g.table.sweepShard(i, g.clock(), g.policy.expiry())
+		}
+		if i == n-1 {
+			if roundDone != nil {
+				roundDone(deleted)
+			}
+			deleted = 0
 		}
 	}
 }

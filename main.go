@@ -148,7 +148,15 @@ func (d *daemon) run(ctx context.Context) error {
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	wg.Go(func() { g.sweep(bg, time.Minute) })
+	wg.Go(func() {
+		g.sweep(bg, time.Minute, func(deleted int) {
+			if cfg.Debug {
+				known, grey := tbl.counts()
+				log.Debugf("sweep: %d expired entries dropped; holding %d known IPs and %d grey triplets; %d evicted for the cap so far",
+					deleted, known, grey, tbl.evicted.Load())
+			}
+		})
+	})
 	wg.Go(func() { dlog.flushEvery(bg, time.Second) })
 	usr1 := make(chan os.Signal, 1)
 	signal.Notify(usr1, syscall.SIGUSR1)

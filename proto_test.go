@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -350,4 +351,30 @@ func FuzzDecideQmail(f *testing.F) {
 			t.Fatalf("new triplet answered %04x when asked again at once", v2)
 		}
 	})
+}
+
+// TestSweepRounds runs the sweeper with a short interval and checks that a
+// round reports the expired entries it dropped.
+func TestSweepRounds(t *testing.T) {
+	g, clock := newTestGreylister(t, "")
+	var kb keyBuilder
+	for i := range 50 {
+		g.decideQmail(&kb, req(fmt.Sprintf("192.0.2.%d", i), alice, bob))
+	}
+	clock.advance(13 * time.Hour)
+	rounds := make(chan int, 100)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go g.sweep(ctx, 16*time.Millisecond, func(deleted int) { rounds <- deleted })
+	select {
+	case n := <-rounds:
+		if n != 50 {
+			t.Fatalf("first round dropped %d entries, want 50", n)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no sweep round within 10 s")
+	}
+	if _, grey := g.table.counts(); grey != 0 {
+		t.Fatalf("%d grey entries left after a round", grey)
+	}
 }
