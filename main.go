@@ -144,7 +144,7 @@ func (d *daemon) run(ctx context.Context) error {
 
 	g := NewGreylister(tbl, policy, wl, d.now)
 	dlog := newDecisionLog(d.stdout)
-	srv := &server{g: g, conns: conns, dlog: dlog, log: log, debug: cfg.Debug}
+	srv := &server{g: g, conns: conns, dlog: dlog, log: log}
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

@@ -17,7 +17,6 @@ type server struct {
 	conns []*net.UDPConn // bound to one address with SO_REUSEPORT when more than one
 	dlog  *decisionLog   // decision lines; nil logs nothing
 	log   *logger
-	debug bool
 
 	stats serverStats
 }

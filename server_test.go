@@ -361,3 +361,35 @@ func TestReusePortSockets(t *testing.T) {
 		t.Fatal("serve did not return after the sockets closed")
 	}
 }
+
+// TestReadLoopFallback checks the one-datagram-per-call reader that serves
+// where batched I/O is not available.
+func TestReadLoopFallback(t *testing.T) {
+	conn, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _ := newTestGreylister(t, "")
+	srv := &server{g: g, conns: []*net.UDPConn{conn}, log: &logger{w: io.Discard}}
+	done := make(chan struct{})
+	go func() { srv.readLoop(newWorker(), conn); close(done) }()
+	client := dial(t, conn.LocalAddr().(*net.UDPAddr))
+	if got := exchange(t, client, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("reply %x, want 0001", got)
+	}
+	if got := exchange(t, client, []byte("junk"), 300*time.Millisecond); got != nil {
+		t.Fatalf("junk got reply %x", got)
+	}
+	if got := exchange(t, client, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 2}) {
+		t.Fatalf("reply %x, want 0002", got)
+	}
+	conn.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("readLoop did not return after the socket closed")
+	}
+	if srv.stats.replies.Load() != 2 || srv.stats.malformed.Load() != 1 {
+		t.Fatalf("replies %d, malformed %d", srv.stats.replies.Load(), srv.stats.malformed.Load())
+	}
+}
