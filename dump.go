@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -35,12 +34,7 @@ func dumpFile(path string, w io.Writer) error {
 		}
 		return true
 	}
-	if bytes.HasPrefix(data, snapshotPrefix) {
-		_, err = decodeSnapshot(data, add)
-	} else if len(data) > 0 {
-		_, err = readPerlSave(bytes.NewReader(data), add)
-	}
-	if err != nil {
+	if _, err := decodeStateFile(data, add); err != nil {
 		return fmt.Errorf("%q: %w", path, err)
 	}
 	bw := bufio.NewWriter(w)

@@ -160,6 +160,25 @@ const (
 	rcptStale                          // stale triplet restarted
 )
 
+// A Sender is a request's envelope sender, parsed once per request.
+type Sender struct {
+	text []byte // the raw text, or "." for the null sender
+	null bool   // empty or "." once spaces are removed
+}
+
+var nullSender = []byte(".")
+
+// ParseSender parses the sender text of a request. The null sender
+// (MAIL FROM:<>) arrives empty; like the Perl daemon, greydaemon treats a
+// sender that is empty or "." once its spaces are removed as null and keys it
+// as ".".
+func ParseSender(raw []byte) Sender {
+	if isNullSender(raw) {
+		return Sender{text: nullSender, null: true}
+	}
+	return Sender{text: raw}
+}
+
 // isNullSender reports whether sender, once its spaces are removed, is empty
 // or ".", which the Perl daemon treats alike.
 func isNullSender(sender []byte) bool {
@@ -183,22 +202,16 @@ func looksLikeVERP(rcpt []byte) bool {
 	return i >= 0 && bytes.IndexByte(rcpt[i+1:], '=') >= 0
 }
 
-var nullSender = []byte(".")
-
-// checkRecipient decides one recipient of a request from client c with the
-// given sender, as step 5 of protocol.md §4 does, and records what it must:
-// a new or stale triplet, and the client as known after a good retry. kb is
+// checkRecipient decides one recipient of a request from client c with
+// sender s, as step 5 of protocol.md §4 does, and records what it must: a
+// new or stale triplet, and the client as known after a good retry. kb is
 // the caller's scratch space.
-func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, sender, rcpt []byte, now uint32) recipientResult {
-	null := isNullSender(sender)
-	if null && looksLikeVERP(rcpt) {
+func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, s Sender, rcpt []byte, now uint32) recipientResult {
+	if s.null && looksLikeVERP(rcpt) {
 		return rcptBounce
 	}
-	if null {
-		sender = nullSender
-	}
 	exp := g.policy.expiry()
-	k := kb.triplet(c.key, sender, rcpt)
+	k := kb.triplet(c.key, s.text, rcpt)
 	switch g.table.observeTriplet(k, now, g.policy.MinResendDelay, g.policy.ResendWindow, exp) {
 	case greyTooSoon:
 		return rcptTooSoon

@@ -120,15 +120,17 @@ func (d *daemon) run(ctx context.Context) error {
 		debug.SetGCPercent(50)
 	}
 	policy := policyFromConfig(cfg)
-	tbl := newTable(shardsFor(cfg.MaxEntries), cfg.MaxEntries)
-	snap := &snapshotter{path: cfg.StateFile, table: tbl, policy: policy, now: d.now}
+	emptyState := func() (*table, *snapshotter) {
+		tbl := newTable(shardsFor(cfg.MaxEntries), cfg.MaxEntries)
+		return tbl, &snapshotter{path: cfg.StateFile, table: tbl, policy: policy, now: d.now}
+	}
+	tbl, snap := emptyState()
 	start := time.Now()
 	st, err := snap.load()
 	switch {
 	case errors.Is(err, errCorrupt):
 		log.Errorf("state file is damaged, starting with an empty table: %v", err)
-		tbl = newTable(shardsFor(cfg.MaxEntries), cfg.MaxEntries)
-		snap = &snapshotter{path: cfg.StateFile, table: tbl, policy: policy, now: d.now}
+		tbl, snap = emptyState() // the damaged file may have filled part of it
 		if aside, err := setAside(cfg.StateFile, d.now()); err != nil {
 			log.Errorf("%v", err)
 			return fmt.Errorf("refusing to overwrite the damaged state file %q", cfg.StateFile)

@@ -82,10 +82,11 @@ func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, erro
 	if v, done := g.checkClient(client, now); done {
 		return v, nil
 	}
-	sender, fields, err := req.sender()
+	senderText, fields, err := req.sender()
 	if err != nil {
 		return 0, err
 	}
+	sender := ParseSender(senderText)
 	v := AcceptRetried
 	for {
 		rcpt, rest, ok, err := nextRecipient(fields)

@@ -250,26 +250,28 @@ func (s *snapshotter) load() (loadStats, error) {
 		return loadStats{}, fmt.Errorf("cannot read %q: %w", s.path, err)
 	}
 	now := uint32(s.now().Unix())
-	if len(data) == 0 {
-		return loadStats{format: "empty"}, nil
-	}
-	if bytes.HasPrefix(data, snapshotPrefix) {
-		st, err := decodeSnapshot(data, func(kind int, k [16]byte, t uint32) bool {
-			return s.restore(kind, k, t, now)
-		})
-		if err != nil {
-			return st, fmt.Errorf("%q: %w", s.path, err)
-		}
-		return st, nil
-	}
-	st, err := readPerlSave(bytes.NewReader(data), func(kind int, k [16]byte, t uint32) bool {
+	st, err := decodeStateFile(data, func(kind int, k [16]byte, t uint32) bool {
 		return s.restore(kind, k, t, now)
 	})
 	if err != nil {
 		return st, fmt.Errorf("%q: %w", s.path, err)
 	}
-	s.keepPerl = true
+	s.keepPerl = st.format == "perl"
 	return st, nil
+}
+
+// decodeStateFile decodes the contents of a state file, whichever form it
+// has: empty, a snapshot, or a Perl save file. It calls add for every entry;
+// add reports whether it kept the entry.
+func decodeStateFile(data []byte, add func(kind int, k [16]byte, t uint32) bool) (loadStats, error) {
+	switch {
+	case len(data) == 0:
+		return loadStats{format: "empty"}, nil
+	case bytes.HasPrefix(data, snapshotPrefix):
+		return decodeSnapshot(data, add)
+	default:
+		return readPerlSave(bytes.NewReader(data), add)
+	}
 }
 
 // removeStaleTemps removes temporary files that a save killed midway (by
