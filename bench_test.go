@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"sync"
@@ -211,27 +210,10 @@ func BenchmarkUDPRoundTrip(b *testing.B) {
 
 // startBenchDaemon runs a daemon with logging to a discarding writer.
 func startBenchDaemon(b *testing.B, cfg Config) (*net.UDPAddr, func()) {
-	cfg.Listen = "127.0.0.1:0"
-	ready := make(chan net.Addr, 1)
-	d := &daemon{cfg: &cfg, stdout: discard{}, stderr: discard{}, now: time.Now,
-		onReady: func(a net.Addr) { ready <- a }}
-	ctx, cancel := contextWithCancel()
-	done := make(chan error, 1)
-	go func() { done <- d.run(ctx) }()
-	select {
-	case a := <-ready:
-		return a.(*net.UDPAddr), func() { cancel(); <-done }
-	case err := <-done:
-		cancel()
-		b.Fatalf("daemon did not start: %v", err)
-	}
-	return nil, nil
+	td := startTestDaemon(b, settingsOf(b, cfg), time.Now, func(d *daemon) { d.stdout, d.stderr = discard{}, discard{} })
+	return td.addr, func() { td.stop(b) }
 }
 
 type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
-
-func contextWithCancel() (context.Context, context.CancelFunc) {
-	return context.WithCancel(context.Background())
-}

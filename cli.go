@@ -1,21 +1,26 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"math"
-	"net"
-	"net/netip"
+	"os"
 	"strconv"
-	"strings"
 	"time"
 )
 
+// This file reads the Perl daemon's command line (and -c, greydaemon's
+// own) into a Config.
+
 const usageText = `usage: greydaemon [-d] [-c config.toml] [-u user] [-w whitelist] [-s minutes]
                   [-t days] [-g hours] [-m minutes] [ipaddr[:port] savefile]
+       greydaemon check [-c config.toml] [flags] [ipaddr[:port] savefile]
+       greydaemon lookup [-c config.toml | savefile] IP [SENDER RECIPIENT]
        greydaemon dump FILE
+       greydaemon version
 
   -c file     read settings from a TOML file; flags override it
   -d          debug: log more detail
@@ -25,15 +30,27 @@ const usageText = `usage: greydaemon [-d] [-c config.toml] [-u user] [-w whiteli
   -t days     known-IP lifetime (default 7)
   -g hours    resend window (default 12)
   -m minutes  minimum resend delay (default 5)
+  -h          print this help
 
 Numbers may be fractional (-m 0.05 is 3 seconds); 0 means the default.
 Without positionals greydaemon listens on 127.0.0.1:1999 and keeps its state
 in ./greydaemon.state (or where the config file says).
+
+  check    validate the settings, the whitelist and the state file; exit 1 on any problem
+  lookup   explain from the state file how a client or a triplet will be answered
+  dump     print a state file as Perl save-file lines
+  version  print the version and the source revision
+
+Signals: SIGTERM and SIGINT save and stop, SIGHUP re-reads the config file and
+the whitelist, SIGUSR1 saves at once. See greydaemon(8).
 `
 
 // errUsage is returned for a command line that cannot be understood; the
 // caller prints usageText.
 var errUsage = errors.New("bad command line")
+
+// errHelp is returned when the command line asks for help (-h).
+var errHelp = errors.New("help requested")
 
 // A unitFlag is a flag whose value is a number of units, as the Perl
 // daemon's -s, -t, -g and -m are. It records the value only when it is not
@@ -61,11 +78,21 @@ func (f *unitFlag) Set(s string) error {
 	return nil
 }
 
-// parseCommandLine builds the configuration from the Perl-style command line
-// args (without the program name): the defaults, then the -c file if any,
-// then the flags and positionals. Errors about the command line wrap
-// errUsage.
-func parseCommandLine(args []string, stderr io.Writer) (*Config, error) {
+// parseCommandLine returns the settings that the Perl-style command line
+// args (without the program name) give: the defaults, then the -c file if
+// any, then the flags and positionals, checked and resolved. Errors about
+// the command line itself wrap errUsage.
+func parseCommandLine(args []string) (*Settings, error) {
+	c, src, err := readCommandLine(args)
+	if err != nil {
+		return nil, err
+	}
+	return resolve(c, src)
+}
+
+// readCommandLine reads args into a Config without checking the values, and
+// says where they came from.
+func readCommandLine(args []string) (Config, Source, error) {
 	fs := flag.NewFlagSet("greydaemon", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	var (
@@ -82,80 +109,62 @@ func parseCommandLine(args []string, stderr io.Writer) (*Config, error) {
 	fs.Var(known, "t", "")
 	fs.Var(window, "g", "")
 	fs.Var(minDelay, "m", "")
-	if err := fs.Parse(args); err != nil {
-		return nil, fmt.Errorf("%w: %v", errUsage, err)
-	}
 	c := defaultConfig()
+	src := Source{Flags: map[string]bool{}}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return c, src, errHelp
+		}
+		return c, src, fmt.Errorf("%w: %v", errUsage, err)
+	}
 	if *configPath != "" {
-		if err := loadConfigFile(&c, *configPath); err != nil {
-			return nil, err
+		text, err := os.ReadFile(*configPath)
+		if err != nil {
+			return c, src, fmt.Errorf("cannot open config: %w", err)
+		}
+		src.File, src.FileText = *configPath, text
+		if err := parseConfig(&c, bytes.NewReader(text), *configPath); err != nil {
+			return c, src, err
 		}
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if set["d"] {
 		c.Debug = *debug
+		src.Flags["debug"] = true
 	}
 	if set["u"] {
 		c.User = *user
+		src.Flags["user"] = true
 	}
 	if set["w"] {
 		c.Whitelist = *whitelist
+		src.Flags["whitelist"] = true
 	}
 	for _, f := range []struct {
 		flag *unitFlag
 		dst  *Duration
-	}{{save, &c.SaveInterval}, {known, &c.KnownIPLifetime}, {window, &c.ResendWindow}, {minDelay, &c.MinResendDelay}} {
+		key  string
+	}{
+		{save, &c.SaveInterval, "save_interval"},
+		{known, &c.KnownIPLifetime, "known_ip_lifetime"},
+		{window, &c.ResendWindow, "resend_window"},
+		{minDelay, &c.MinResendDelay, "min_resend_delay"},
+	} {
 		if f.flag.set {
 			f.dst.Duration = f.flag.v
+			src.Flags[f.key] = true
 		}
 	}
 	switch pos := fs.Args(); len(pos) {
 	case 0:
 	case 2:
 		c.Listen, c.StateFile = pos[0], pos[1]
+		src.Flags["listen"], src.Flags["state_file"] = true, true
 	case 1:
-		return nil, fmt.Errorf("%w: missing savefile after %q", errUsage, pos[0])
+		return c, src, fmt.Errorf("%w: missing savefile after %q", errUsage, pos[0])
 	default:
-		return nil, fmt.Errorf("%w: unexpected arguments after savefile: %q", errUsage, pos[2:])
+		return c, src, fmt.Errorf("%w: unexpected arguments after savefile: %q", errUsage, pos[2:])
 	}
-	if err := c.validate(); err != nil {
-		where := "command line"
-		if *configPath != "" {
-			where = fmt.Sprintf("command line and %s", *configPath)
-		}
-		return nil, fmt.Errorf("bad settings (%s): %w", where, err)
-	}
-	return &c, nil
-}
-
-// listenAddress turns the Perl daemon's ipaddr[:port] into a host:port for
-// net.ListenUDP. The address may be an IPv4 or IPv6 address (bare or in
-// brackets), a host name, or empty before ":port" (all interfaces); without
-// a port the port is 1999.
-func listenAddress(s string) (string, error) {
-	if addr, err := netip.ParseAddr(s); err == nil {
-		return net.JoinHostPort(addr.String(), defaultPort), nil
-	}
-	if strings.HasPrefix(s, "[") && strings.HasSuffix(s, "]") {
-		addr, err := netip.ParseAddr(s[1 : len(s)-1])
-		if err != nil {
-			return "", fmt.Errorf("bad IPv6 address in %q", s)
-		}
-		return net.JoinHostPort(addr.String(), defaultPort), nil
-	}
-	if !strings.Contains(s, ":") {
-		if s == "" {
-			return "", fmt.Errorf("empty listen address")
-		}
-		return net.JoinHostPort(s, defaultPort), nil
-	}
-	host, port, err := net.SplitHostPort(s)
-	if err != nil {
-		return "", fmt.Errorf("bad listen address %q: %v", s, err)
-	}
-	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
-		return "", fmt.Errorf("bad port %q in listen address %q", port, s)
-	}
-	return net.JoinHostPort(host, port), nil
+	return c, src, nil
 }

@@ -13,8 +13,13 @@ import (
 	"github.com/BurntSushi/toml"
 )
 
-// Config holds every setting of the daemon. The TOML file (-c) and the
-// command line fill it; the keys mirror the Perl daemon's options.
+// This file is the TOML configuration file: its keys, their defaults and
+// how values are written. It knows nothing of the rest of the daemon;
+// settings.go checks the values and derives what the daemon uses from them.
+
+// Config holds every setting of the daemon as the TOML file (-c) and the
+// command line give it. The keys mirror the Perl daemon's options; the later
+// ones are greydaemon's own.
 type Config struct {
 	Listen          string   `toml:"listen"`            // ipaddr[:port], as the Perl positional
 	StateFile       string   `toml:"state_file"`        // the Perl savefile positional
@@ -26,6 +31,8 @@ type Config struct {
 	MinResendDelay  Duration `toml:"min_resend_delay"`  // -m (minutes)
 	Debug           bool     `toml:"debug"`             // -d
 	MaxEntries      int      `toml:"max_entries"`       // hard cap on table entries
+	Allow           []string `toml:"allow"`             // networks whose queries are answered; empty: all
+	MetricsListen   string   `toml:"metrics_listen"`    // host:port of the Prometheus endpoint; empty: off
 }
 
 // The defaults, the Perl daemon's where it has one.
@@ -106,69 +113,41 @@ func loadConfigFile(c *Config, path string) error {
 }
 
 // parseConfig decodes TOML from r over c, which holds the defaults. Unknown
-// keys and values of the wrong type are errors naming the key and name.
+// keys and values of the wrong type are errors naming the file, the line
+// where it can, and the key.
 func parseConfig(c *Config, r io.Reader, name string) error {
-	md, err := toml.NewDecoder(r).Decode(c)
+	text, err := io.ReadAll(r)
+	if err != nil {
+		return fmt.Errorf("cannot read %s: %w", name, err)
+	}
+	md, err := toml.Decode(string(text), c)
 	if err != nil {
 		var perr toml.ParseError
 		if errors.As(err, &perr) {
-			return fmt.Errorf("%s: line %d: %s", name, perr.Position.Line, perr.Message)
+			return fmt.Errorf("%s:%d: %s", name, perr.Position.Line, perr.Message)
 		}
 		return fmt.Errorf("%s: %w", name, err)
 	}
-	if und := md.Undecoded(); len(und) > 0 {
-		keys := make([]string, len(und))
-		for i, k := range und {
-			keys[i] = k.String()
-		}
-		return fmt.Errorf("%s: unknown key %s", name, strings.Join(keys, ", "))
-	}
-	return nil
-}
-
-// validate checks c's values and their combinations. Its errors name the
-// key; the caller adds where the value came from.
-func (c *Config) validate() error {
 	var errs []error
-	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
-	}
-	if c.Listen == "" {
-		bad("listen", "must not be empty")
-	} else if _, err := listenAddress(c.Listen); err != nil {
-		bad("listen", "%v", err)
-	}
-	if c.StateFile == "" {
-		bad("state_file", "must not be empty")
-	}
-	for _, d := range []struct {
-		key string
-		v   time.Duration
-	}{
-		{"save_interval", c.SaveInterval.Duration},
-		{"known_ip_lifetime", c.KnownIPLifetime.Duration},
-		{"resend_window", c.ResendWindow.Duration},
-		{"min_resend_delay", c.MinResendDelay.Duration},
-	} {
-		switch {
-		case d.v <= 0:
-			bad(d.key, "must be positive, got %q", d.v)
-		case d.v > maxDuration:
-			bad(d.key, "must be at most 100 years, got %q", d.v)
+	for _, k := range md.Undecoded() {
+		where := name
+		if line := keyLine(text, k.String()); line > 0 {
+			where = fmt.Sprintf("%s:%d", name, line)
 		}
-	}
-	if c.SaveInterval.Duration > 0 && c.SaveInterval.Duration < time.Second {
-		bad("save_interval", "must be at least 1s, got %q", c.SaveInterval.Duration)
-	}
-	if c.MinResendDelay.Duration > 0 && c.ResendWindow.Duration > 0 &&
-		ceilSeconds(c.MinResendDelay.Duration) >= ceilSeconds(c.ResendWindow.Duration) {
-		bad("min_resend_delay", "must be below resend_window (%s), got %s: no retry could ever pass",
-			c.ResendWindow.Duration, c.MinResendDelay.Duration)
-	}
-	if c.MaxEntries < 1000 {
-		bad("max_entries", "must be at least 1000, got %d", c.MaxEntries)
-	} else if c.MaxEntries > 1<<31 {
-		bad("max_entries", "must be at most %d, got %d", 1<<31, c.MaxEntries)
+		errs = append(errs, fmt.Errorf("%s: unknown key %s", where, k))
 	}
 	return errors.Join(errs...)
+}
+
+// keyLine returns the line of the TOML text on which key is assigned, or 0.
+// greydaemon's configuration is flat, so "key =" at the start of a line is
+// the assignment.
+func keyLine(text []byte, key string) int {
+	for i, line := range strings.Split(string(text), "\n") {
+		rest, ok := strings.CutPrefix(strings.TrimSpace(line), key)
+		if ok && strings.HasPrefix(strings.TrimSpace(rest), "=") {
+			return i + 1
+		}
+	}
+	return 0
 }

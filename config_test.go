@@ -2,9 +2,9 @@ package main
 
 import (
 	"errors"
-	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -22,6 +22,8 @@ resend_window = "6h"
 min_resend_delay = "90s"
 debug = true
 max_entries = 500000
+allow = ["127.0.0.0/8", "::1/128"]
+metrics_listen = "127.0.0.1:9119"
 `
 	c := defaultConfig()
 	if err := parseConfig(&c, strings.NewReader(text), "test.toml"); err != nil {
@@ -32,8 +34,9 @@ max_entries = 500000
 		Whitelist: "/etc/greydaemon/whitelist", SaveInterval: Duration{2 * time.Minute},
 		KnownIPLifetime: Duration{36 * time.Hour}, ResendWindow: Duration{6 * time.Hour},
 		MinResendDelay: Duration{90 * time.Second}, Debug: true, MaxEntries: 500000,
+		Allow: []string{"127.0.0.0/8", "::1/128"}, MetricsListen: "127.0.0.1:9119",
 	}
-	if c != want {
+	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("got %+v\nwant %+v", c, want)
 	}
 	if err := c.validate(); err != nil {
@@ -43,13 +46,13 @@ max_entries = 500000
 
 func TestParseConfigErrors(t *testing.T) {
 	for _, tt := range []struct{ text, want string }{
-		{`listen = "x"` + "\nbogus = 1\n", "test.toml: unknown key bogus"},
+		{`listen = "x"` + "\nbogus = 1\n", "test.toml:2: unknown key bogus"},
 		{`resend_widow = "6h"`, "unknown key resend_widow"},
 		{`min_resend_delay = "5 minutes"`, `invalid duration "5 minutes"`},
 		{`known_ip_lifetime = "xd"`, `invalid duration "xd"`},
 		{`max_entries = "many"`, "test.toml"},
 		{`debug = "yes"`, "test.toml"},
-		{"listen = \n", "test.toml: line 1"},
+		{"listen = \n", "test.toml:1:"},
 	} {
 		c := defaultConfig()
 		err := parseConfig(&c, strings.NewReader(tt.text), "test.toml")
@@ -91,29 +94,29 @@ func TestCommandLine(t *testing.T) {
 	os.WriteFile(conf, []byte("min_resend_delay = \"10m\"\nresend_window = \"6h\"\nlisten = \"127.0.0.1:3000\"\nstate_file = \"from-file\"\n"), 0o644)
 	for _, tt := range []struct {
 		args  []string
-		check func(c *Config) bool
+		check func(c *Settings) bool
 	}{
-		{nil, func(c *Config) bool { return c.Listen == defaultListen && c.StateFile == defaultStateFile }},
-		{[]string{"-m", "0.05", ":1999", "s"}, func(c *Config) bool {
+		{nil, func(c *Settings) bool { return c.Listen == defaultListen && c.StateFile == defaultStateFile }},
+		{[]string{"-m", "0.05", ":1999", "s"}, func(c *Settings) bool {
 			return c.MinResendDelay.Duration == 3*time.Second && c.Listen == ":1999" && c.StateFile == "s"
 		}},
-		{[]string{"-t", "0", "-g", "0", "-m", "0", "-s", "0", "127.0.0.1", "s"}, func(c *Config) bool {
+		{[]string{"-t", "0", "-g", "0", "-m", "0", "-s", "0", "127.0.0.1", "s"}, func(c *Settings) bool {
 			return c.KnownIPLifetime.Duration == defaultKnownIP && c.ResendWindow.Duration == defaultResendWindow &&
 				c.MinResendDelay.Duration == defaultMinDelay && c.SaveInterval.Duration == defaultSaveInterval
 		}},
-		{[]string{"-d", "-u", "nobody", "-w", "wl", "-s", "1.5", "-t", "0.5", "-g", "2.5", "1.2.3.4:5", "/x"}, func(c *Config) bool {
+		{[]string{"-d", "-u", "nobody", "-w", "wl", "-s", "1.5", "-t", "0.5", "-g", "2.5", "1.2.3.4:5", "/x"}, func(c *Settings) bool {
 			return c.Debug && c.User == "nobody" && c.Whitelist == "wl" && c.SaveInterval.Duration == 90*time.Second &&
 				c.KnownIPLifetime.Duration == 12*time.Hour && c.ResendWindow.Duration == 150*time.Minute
 		}},
-		{[]string{"-c", conf}, func(c *Config) bool {
+		{[]string{"-c", conf}, func(c *Settings) bool {
 			return c.MinResendDelay.Duration == 10*time.Minute && c.Listen == "127.0.0.1:3000" && c.StateFile == "from-file"
 		}},
-		{[]string{"-c", conf, "-m", "1", "0.0.0.0", "s"}, func(c *Config) bool {
+		{[]string{"-c", conf, "-m", "1", "0.0.0.0", "s"}, func(c *Settings) bool {
 			return c.MinResendDelay.Duration == time.Minute && c.ResendWindow.Duration == 6*time.Hour && c.Listen == "0.0.0.0"
 		}},
-		{[]string{"-c", conf, "-m", "0"}, func(c *Config) bool { return c.MinResendDelay.Duration == 10*time.Minute }},
+		{[]string{"-c", conf, "-m", "0"}, func(c *Settings) bool { return c.MinResendDelay.Duration == 10*time.Minute }},
 	} {
-		c, err := parseCommandLine(tt.args, io.Discard)
+		c, err := parseCommandLine(tt.args)
 		if err != nil {
 			t.Errorf("%q: %v", tt.args, err)
 			continue
@@ -142,10 +145,10 @@ func TestCommandLineErrors(t *testing.T) {
 		{[]string{"-m"}, true, "needs an argument"},
 		{[]string{"-m", "720", "127.0.0.1", "s"}, false, "min_resend_delay: must be below resend_window"},
 		{[]string{"-c", filepath.Join(dir, "missing.toml")}, false, "cannot open config"},
-		{[]string{"-c", badConf}, false, badConf + ": unknown key nope"},
+		{[]string{"-c", badConf}, false, badConf + ":1: unknown key nope"},
 		{[]string{"1.2.3.4:x", "s"}, false, `bad port "x"`},
 	} {
-		_, err := parseCommandLine(tt.args, io.Discard)
+		_, err := parseCommandLine(tt.args)
 		if err == nil || !strings.Contains(err.Error(), tt.want) || errors.Is(err, errUsage) != tt.usage {
 			t.Errorf("%q: got %v, want an error containing %q (usage error: %v)", tt.args, err, tt.want, tt.usage)
 		}

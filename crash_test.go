@@ -31,14 +31,10 @@ func runChildDaemonIfAsked() {
 	if !ok {
 		return
 	}
-	ctx, stop := signalContext()
-	err := run(ctx, strings.Split(args, "\n"), os.Stdout, os.Stderr)
-	stop()
-	if err != nil {
-		os.Stderr.WriteString("greydaemon: error: " + err.Error() + "\n")
-		os.Exit(1)
-	}
-	os.Exit(0)
+	signals := make(chan os.Signal, 8)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1)
+	err := run(strings.Split(args, "\n"), os.Stdout, os.Stderr, signals)
+	os.Exit(exitCode(err, os.Stdout, os.Stderr))
 }
 
 // A childDaemon is the daemon running in a child process.
@@ -69,8 +65,8 @@ func startChild(t *testing.T, args ...string) *childDaemon {
 		for c.stderr.Scan() {
 			line := c.stderr.Text()
 			seen = append(seen, line)
-			if a, ok := strings.CutPrefix(line, "greydaemon: listening on "); ok {
-				found <- a
+			if a, ok := strings.CutPrefix(line, "greydaemon: listening on "); ok && strings.HasSuffix(a, " for qmail") {
+				found <- strings.TrimSuffix(a, " for qmail")
 				break
 			}
 		}
@@ -101,7 +97,7 @@ func TestSnapshotSurvivesSIGKILL(t *testing.T) {
 	// A 400,000-entry snapshot takes long enough to write that the kills
 	// land in the middle of saves.
 	realClock := func() time.Time { return time.Now() }
-	seed := &snapshotter{path: path, table: newTable(defaultShards, 1_000_000), policy: testPolicy, now: realClock}
+	seed := &snapshotter{path: path, table: newTable(defaultShards, 1_000_000), policy: testPolicyFunc, now: realClock}
 	now := uint32(time.Now().Unix())
 	for i := range uint64(400_000) {
 		seed.table.observeTriplet(tkey(i), now, 300, 43200, testExpiry)
@@ -185,17 +181,12 @@ func TestSaveFailsWithFileSizeLimit(t *testing.T) {
 	before, _ := os.ReadFile(cfg.StateFile)
 
 	saved := make(chan error, 10)
-	ready := make(chan net.Addr, 1)
-	var stderr syncBuffer
-	d := &daemon{cfg: &cfg, stdout: io.Discard, stderr: &stderr, now: clock.now,
-		onReady: func(a net.Addr) { ready <- a }, saveNow: make(chan struct{}),
-		onSave: func(_ saveStats, err error) { saved <- err }}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.run(ctx) }()
-	defer func() { cancel(); <-done }()
-	addr := (<-ready).(*net.UDPAddr)
-	conn := dial(t, addr)
+	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, func(d *daemon) {
+		d.saveNow = make(chan struct{})
+		d.onSave = func(_ saveStats, err error) { saved <- err }
+	})
+	d, stderr := td.daemon, td.errOut
+	conn := dial(t, td.addr)
 	for i := range 2000 {
 		if got := exchange(t, conn, req("192.0.2.1", alice, fmt.Sprintf("r%d@rcpt.example", i)), 5*time.Second); got == nil {
 			t.Fatalf("request %d got no reply", i)
@@ -226,8 +217,8 @@ func TestSaveFailsWithFileSizeLimit(t *testing.T) {
 		t.Fatal("the old snapshot changed")
 	}
 	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Fatalf("directory holds %d files after the failed save, want 1", len(entries))
+	if len(entries) != 2 || entries[0].Name() != "state" || entries[1].Name() != "state.lock" {
+		t.Fatalf("directory holds %v after the failed save, want the state file and its lock", entries)
 	}
 	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
 		t.Fatalf("after the failed save: reply %x, want 0001", got)
@@ -236,9 +227,4 @@ func TestSaveFailsWithFileSizeLimit(t *testing.T) {
 	if err := <-saved; err != nil {
 		t.Fatalf("save after the limit was lifted: %v", err)
 	}
-}
-
-// signalContext is main's signal handling, for a child daemon.
-func signalContext() (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 }

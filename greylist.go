@@ -18,7 +18,7 @@ import (
 // byte says why.
 type Verdict uint16
 
-// The verdicts, as listed in protocol.md §3.
+// The verdicts, as listed in PROTOCOL.md §3.
 const (
 	AcceptWhitelisted Verdict = 0x0101 // client IP is in the whitelist
 	AcceptKnownIP     Verdict = 0x0102 // client IP passed greylisting recently
@@ -28,6 +28,23 @@ const (
 	GreyTooSoon       Verdict = 0x0002 // retried before the minimum delay
 	GreyStale         Verdict = 0x0003 // retried after the resend window; restarted
 )
+
+// numVerdicts is the number of verdicts; Verdict.index numbers them.
+const numVerdicts = 7
+
+// verdicts lists every verdict in the order of Verdict.index.
+var verdicts = [numVerdicts]Verdict{
+	AcceptWhitelisted, AcceptKnownIP, AcceptRetried, AcceptBounce,
+	GreyNew, GreyTooSoon, GreyStale,
+}
+
+// index returns v's position in verdicts, for counting by verdict.
+func (v Verdict) index() int {
+	if v.Accepts() {
+		return int(v&0xff) - 1 // 0x0101..0x0104 -> 0..3
+	}
+	return 3 + int(v&0xff) // 0x0001..0x0003 -> 4..6
+}
 
 // Accepts reports whether v lets the message through.
 func (v Verdict) Accepts() bool { return v>>8 != 0 }
@@ -54,6 +71,27 @@ func (v Verdict) Event() string {
 	return "unknown verdict"
 }
 
+// Reason returns a short name for why v was given, for metrics labels.
+func (v Verdict) Reason() string {
+	switch v {
+	case AcceptWhitelisted:
+		return "whitelisted"
+	case AcceptKnownIP:
+		return "known_ip"
+	case AcceptRetried:
+		return "retried"
+	case AcceptBounce:
+		return "bounce"
+	case GreyNew:
+		return "new"
+	case GreyTooSoon:
+		return "too_soon"
+	case GreyStale:
+		return "stale"
+	}
+	return "unknown"
+}
+
 // Policy holds the greylisting time limits, in whole seconds (fractional
 // settings rounded up, which for whole-second ages is the same test).
 type Policy struct {
@@ -67,24 +105,6 @@ type Policy struct {
 // answer rather than "new".
 const staleGrace = 60
 
-// policyFromConfig converts the durations of c to whole seconds.
-func policyFromConfig(c *Config) Policy {
-	return Policy{
-		KnownIPLifetime: ceilSeconds(c.KnownIPLifetime.Duration),
-		ResendWindow:    ceilSeconds(c.ResendWindow.Duration),
-		MinResendDelay:  ceilSeconds(c.MinResendDelay.Duration),
-	}
-}
-
-// ceilSeconds returns d in whole seconds, rounded up, at most MaxUint32-1.
-func ceilSeconds(d time.Duration) uint32 {
-	s := (d + time.Second - 1) / time.Second
-	if s >= math.MaxUint32 {
-		return math.MaxUint32 - 1
-	}
-	return uint32(max(s, 0))
-}
-
 // expiry returns when the table may forget entries under p.
 func (p Policy) expiry() expiry {
 	grey := uint64(p.ResendWindow) + staleGrace
@@ -92,24 +112,40 @@ func (p Policy) expiry() expiry {
 }
 
 // A Greylister makes greylisting decisions against a table. It is safe for
-// concurrent use.
+// concurrent use; its rules (time limits and whitelist) can be replaced
+// while it decides, as a reload does.
 type Greylister struct {
-	table     *table
+	table *table
+	rules atomic.Pointer[rules]
+	now   func() time.Time
+}
+
+// rules are what a reload may change in a Greylister.
+type rules struct {
 	policy    Policy
-	whitelist atomic.Pointer[Whitelist]
-	now       func() time.Time
+	expiry    expiry
+	whitelist *IPRanges
 }
 
 // NewGreylister returns a Greylister over t. now is its clock; tests pass a
 // fake one.
-func NewGreylister(t *table, p Policy, wl *Whitelist, now func() time.Time) *Greylister {
-	g := &Greylister{table: t, policy: p, now: now}
-	if wl == nil {
-		wl = &Whitelist{}
-	}
-	g.whitelist.Store(wl)
+func NewGreylister(t *table, p Policy, wl *IPRanges, now func() time.Time) *Greylister {
+	g := &Greylister{table: t, now: now}
+	g.SetRules(p, wl)
 	return g
 }
+
+// SetRules makes the Greylister decide with policy p and whitelist wl (nil
+// for none) from now on. Entries already held keep their times.
+func (g *Greylister) SetRules(p Policy, wl *IPRanges) {
+	if wl == nil {
+		wl = &IPRanges{}
+	}
+	g.rules.Store(&rules{policy: p, expiry: p.expiry(), whitelist: wl})
+}
+
+// Policy returns the time limits the Greylister decides with.
+func (g *Greylister) Policy() Policy { return g.rules.Load().policy }
 
 // clock returns the current unix time in seconds as the table stores it.
 func (g *Greylister) clock() uint32 {
@@ -136,14 +172,15 @@ func ParseClient(raw []byte) Client {
 }
 
 // checkClient decides the request on its client alone, as steps 2 and 3 of
-// protocol.md §4 do: a whitelisted client is accepted, and so is a known IP,
+// PROTOCOL.md §4 do: a whitelisted client is accepted, and so is a known IP,
 // whose last-seen time then moves to now. It reports false when the
 // recipients must be examined.
 func (g *Greylister) checkClient(c Client, now uint32) (Verdict, bool) {
-	if c.isIP && g.whitelist.Load().Contains(c.addr) {
+	r := g.rules.Load()
+	if c.isIP && r.whitelist.Contains(c.addr) {
 		return AcceptWhitelisted, true
 	}
-	if g.table.refreshKnown(c.key, now, g.policy.KnownIPLifetime) {
+	if g.table.refreshKnown(c.key, now, r.policy.KnownIPLifetime) {
 		return AcceptKnownIP, true
 	}
 	return 0, false
@@ -203,16 +240,17 @@ func looksLikeVERP(rcpt []byte) bool {
 }
 
 // checkRecipient decides one recipient of a request from client c with
-// sender s, as step 5 of protocol.md §4 does, and records what it must: a
+// sender s, as step 5 of PROTOCOL.md §4 does, and records what it must: a
 // new or stale triplet, and the client as known after a good retry. kb is
 // the caller's scratch space.
 func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, s Sender, rcpt []byte, now uint32) recipientResult {
 	if s.null && looksLikeVERP(rcpt) {
 		return rcptBounce
 	}
-	exp := g.policy.expiry()
+	r := g.rules.Load()
+	exp := r.expiry
 	k := kb.triplet(c.key, s.text, rcpt)
-	switch g.table.observeTriplet(k, now, g.policy.MinResendDelay, g.policy.ResendWindow, exp) {
+	switch g.table.observeTriplet(k, now, r.policy.MinResendDelay, r.policy.ResendWindow, exp) {
 	case greyTooSoon:
 		return rcptTooSoon
 	case greyRetryOK:
@@ -257,7 +295,7 @@ func (g *Greylister) sweep(ctx context.Context, interval time.Duration, roundDon
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			deleted += g.table.sweepShard(i, g.clock(), g.policy.expiry())
+			deleted += g.table.sweepShard(i, g.clock(), g.rules.Load().expiry)
 		}
 		if i == n-1 {
 			if roundDone != nil {

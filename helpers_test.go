@@ -1,6 +1,10 @@
 package main
 
 import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -47,3 +51,93 @@ func req(ip, sender string, rcpts ...string) []byte {
 	}
 	return []byte(b.String())
 }
+
+// A testDaemon is a daemon that a test started with startTestDaemon.
+type testDaemon struct {
+	*daemon
+	addr    *net.UDPAddr        // the qmail front end's address
+	addrs   map[string]net.Addr // every front end's address by name
+	signals chan os.Signal      // what the daemon takes as signals
+	out     *syncBuffer         // its stdout: decision lines
+	errOut  *syncBuffer         // its stderr
+	done    chan error
+	stopped bool
+	err     error
+	// stopDaemon cancels the daemon's context.
+	stopDaemon func()
+}
+
+// startTestDaemon runs a daemon that reads its settings with load, with the
+// clock now; configure, if not nil, may set hooks before it starts. The
+// daemon stops when the test ends, if the test has not stopped it. It is
+// the one way tests and benchmarks start a daemon in this process.
+func startTestDaemon(t testing.TB, load func() (*Settings, error), now func() time.Time, configure func(*daemon)) *testDaemon {
+	t.Helper()
+	td := &testDaemon{signals: make(chan os.Signal, 4), out: &syncBuffer{}, errOut: &syncBuffer{}, done: make(chan error, 1)}
+	td.daemon = newDaemon(load, td.out, td.errOut)
+	td.now = now
+	td.daemon.signals = td.signals
+	ready := make(chan map[string]net.Addr, 1)
+	td.onReady = func(a map[string]net.Addr) { ready <- a }
+	if configure != nil {
+		configure(td.daemon)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { td.done <- td.daemon.run(ctx) }()
+	select {
+	case td.addrs = <-ready:
+		td.addr = td.addrs["qmail"].(*net.UDPAddr)
+	case err := <-td.done:
+		cancel()
+		t.Fatalf("daemon did not start: %v\n%s", err, td.errOut.String())
+	case <-time.After(30 * time.Second):
+		cancel()
+		t.Fatal("daemon did not start within 30 s")
+	}
+	td.stopDaemon = cancel
+	t.Cleanup(func() { td.stop(t) })
+	return td
+}
+
+// stop stops the daemon, once, and returns what run returned.
+func (td *testDaemon) stop(t testing.TB) error {
+	t.Helper()
+	if !td.stopped {
+		td.stopped = true
+		td.stopDaemon()
+		select {
+		case td.err = <-td.done:
+		case <-time.After(30 * time.Second):
+			t.Fatal("daemon did not stop within 30 s")
+		}
+	}
+	return td.err
+}
+
+// settingsOf returns a load function for cfg, on 127.0.0.1:0 and, unless
+// cfg names one, a state file in a temporary directory.
+func settingsOf(t testing.TB, cfg Config) func() (*Settings, error) {
+	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
+	if cfg.StateFile == defaultStateFile {
+		cfg.StateFile = filepath.Join(t.TempDir(), "state")
+	}
+	return func() (*Settings, error) { return resolve(cfg, Source{}) }
+}
+
+// startDaemon runs a daemon with cfg's settings (see settingsOf) and
+// returns its qmail address and a function that stops it and returns its
+// stdout and stderr. The daemon must stop cleanly.
+func startDaemon(t *testing.T, cfg Config, now func() time.Time) (addr *net.UDPAddr, stop func() (stdout, stderr string)) {
+	t.Helper()
+	td := startTestDaemon(t, settingsOf(t, cfg), now, nil)
+	return td.addr, func() (string, string) {
+		if err := td.stop(t); err != nil {
+			t.Errorf("daemon returned %v", err)
+		}
+		return td.out.String(), td.errOut.String()
+	}
+}
+
+// testPolicyFunc returns testPolicy, for a snapshotter.
+func testPolicyFunc() Policy { return testPolicy }

@@ -2,13 +2,17 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 
+	"github.com/coreos/go-systemd/v22/activation"
 	"golang.org/x/sys/unix"
 )
 
@@ -68,6 +72,114 @@ func listenUDP(addr *net.UDPAddr, n int) ([]*net.UDPConn, error) {
 		bind = conn.LocalAddr().String() // port 0 becomes the port the first socket got
 	}
 	return conns, nil
+}
+
+// openQmailSockets returns the qmail front end's sockets: those the service
+// manager passed (systemd socket activation, reported as activated), or
+// new ones bound to hostport. It refuses an address that another process
+// has bound already: with SO_REUSEPORT the kernel would otherwise let a
+// second daemon share the port and spread the queries over two tables.
+func openQmailSockets(hostport string) (conns []*net.UDPConn, activated bool, err error) {
+	conns, err = activatedSockets()
+	if err != nil || conns != nil {
+		return conns, true, err
+	}
+	laddr, err := net.ResolveUDPAddr("udp", hostport)
+	if err != nil {
+		return nil, false, fmt.Errorf("cannot resolve listen address %q: %w", hostport, err)
+	}
+	if err := checkAddressFree(laddr); err != nil {
+		return nil, false, err
+	}
+	conns, err = listenUDP(laddr, socketCount())
+	if err != nil {
+		return nil, false, fmt.Errorf("cannot listen on %s: %w", hostport, err)
+	}
+	return conns, false, nil
+}
+
+// activatedSockets returns the UDP sockets passed by systemd socket
+// activation (LISTEN_FDS), or nil when there are none.
+func activatedSockets() ([]*net.UDPConn, error) {
+	if os.Getenv("LISTEN_FDS") == "" {
+		return nil, nil
+	}
+	pcs, err := activation.PacketConns()
+	if err != nil {
+		return nil, fmt.Errorf("cannot use the sockets passed by the service manager: %w", err)
+	}
+	var conns []*net.UDPConn
+	for _, pc := range pcs {
+		if pc == nil {
+			continue // a stream socket: not ours
+		}
+		conn, ok := pc.(*net.UDPConn)
+		if !ok {
+			pc.Close()
+			closeAll(conns)
+			return nil, fmt.Errorf("the service manager passed a %s socket; greydaemon needs UDP (ListenDatagram=)", pc.LocalAddr().Network())
+		}
+		conns = append(conns, conn)
+	}
+	return conns, nil
+}
+
+// checkAddressFree returns an error naming the address, and the process
+// where it can, when another socket is bound to addr. It binds addr once
+// without SO_REUSEPORT, which fails while any other socket holds it.
+func checkAddressFree(addr *net.UDPAddr) error {
+	if addr.Port == 0 {
+		return nil // the kernel picks a free port
+	}
+	probe, err := net.ListenUDP("udp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("cannot listen on %s: the address is in use by another process%s; is another greydaemon running?",
+				addr, udpOwner(addr))
+		}
+		return fmt.Errorf("cannot listen on %s: %w", addr, err)
+	}
+	probe.Close()
+	return nil
+}
+
+// udpOwner returns " (pid N, NAME)" for a process that has a UDP socket
+// bound to addr's port, or "" when it cannot tell (not Linux, or the
+// process belongs to another user).
+func udpOwner(addr *net.UDPAddr) string {
+	inodes := map[string]bool{}
+	port := fmt.Sprintf(":%04X", addr.Port)
+	for _, table := range []string{"/proc/net/udp", "/proc/net/udp6"} {
+		data, err := os.ReadFile(table)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) > 9 && strings.HasSuffix(f[1], port) {
+				inodes["socket:["+f[9]+"]"] = true
+			}
+		}
+	}
+	if len(inodes) == 0 {
+		return ""
+	}
+	procs, _ := os.ReadDir("/proc")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(p.Name())
+		if err != nil {
+			continue
+		}
+		fds, _ := os.ReadDir(filepath.Join("/proc", p.Name(), "fd"))
+		for _, fd := range fds {
+			link, _ := os.Readlink(filepath.Join("/proc", p.Name(), "fd", fd.Name()))
+			if inodes[link] {
+				comm, _ := os.ReadFile(filepath.Join("/proc", p.Name(), "comm"))
+				return fmt.Sprintf(" (pid %d, %s)", pid, strings.TrimSpace(string(comm)))
+			}
+		}
+	}
+	return ""
 }
 
 // closeAll closes every socket.

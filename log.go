@@ -8,10 +8,11 @@ import (
 	"net/netip"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// A decisionLog writes the per-request log lines of protocol.md §7 to
+// A decisionLog writes the per-request log lines of PROTOCOL.md §7 to
 // stdout for multilog:
 //
 //	<peer-ip>:<peer-port> <event> <request with NULs as spaces>
@@ -28,7 +29,8 @@ type decisionLog struct {
 	// Malformed-request lines: at most badPerSecond per second.
 	badSecond     int64
 	badThisSecond int
-	badSuppressed uint64
+	badSuppressed uint64 // since the last "not logged" line
+	badDropped    uint64 // since start
 }
 
 const badPerSecond = 5
@@ -80,10 +82,19 @@ func (l *decisionLog) allowBad(now time.Time) bool {
 	}
 	if l.badThisSecond >= badPerSecond {
 		l.badSuppressed++
+		l.badDropped++
 		return false
 	}
 	l.badThisSecond++
 	return true
+}
+
+// dropped returns how many malformed-request lines were left out since
+// start.
+func (l *decisionLog) dropped() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.badDropped
 }
 
 // flush writes out buffered lines.
@@ -115,8 +126,18 @@ func (l *decisionLog) flushEvery(ctx context.Context, interval time.Duration) {
 type logger struct {
 	mu    sync.Mutex
 	w     io.Writer
-	debug bool
+	debug atomic.Bool
 }
+
+// newLogger returns a logger writing to w, with debug messages if debug.
+func newLogger(w io.Writer, debug bool) *logger {
+	l := &logger{w: w}
+	l.debug.Store(debug)
+	return l
+}
+
+// setDebug turns debug messages on or off.
+func (l *logger) setDebug(on bool) { l.debug.Store(on) }
 
 func (l *logger) printf(prefix, format string, args ...any) {
 	l.mu.Lock()
@@ -135,7 +156,7 @@ func (l *logger) Infof(format string, args ...any) { l.printf("", format, args..
 
 // Debugf logs a notice in debug mode only.
 func (l *logger) Debugf(format string, args ...any) {
-	if l.debug {
+	if l.debug.Load() {
 		l.printf("debug: ", format, args...)
 	}
 }

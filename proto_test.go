@@ -44,7 +44,7 @@ const (
 	verp  = "list-return-12-bob=example.com@lists.example.org"
 )
 
-// TestDecision walks through every row of protocol.md §3 and every
+// TestDecision walks through every row of PROTOCOL.md §3 and every
 // consequence listed in §4.
 func TestDecision(t *testing.T) {
 	ip := "192.0.2.10"
@@ -195,7 +195,7 @@ func TestDecision(t *testing.T) {
 	}
 }
 
-// TestWhitelistRecordsNothing checks protocol.md §4 step 2: nothing else is
+// TestWhitelistRecordsNothing checks PROTOCOL.md §4 step 2: nothing else is
 // examined or recorded for a whitelisted client.
 func TestWhitelistRecordsNothing(t *testing.T) {
 	g, _ := newTestGreylister(t, "192.0.2.0/24")
@@ -214,9 +214,13 @@ func TestFractionalMinDelay(t *testing.T) {
 	c := defaultConfig()
 	c.MinResendDelay.Duration = time.Duration(0.05 * float64(time.Minute))
 	g, clock := newTestGreylister(t, "")
-	g.policy = policyFromConfig(&c)
-	if g.policy.MinResendDelay != 3 {
-		t.Fatalf("min delay = %d s, want 3", g.policy.MinResendDelay)
+	set, err := resolve(c, Source{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.SetRules(set.Policy, nil)
+	if g.Policy().MinResendDelay != 3 {
+		t.Fatalf("min delay = %d s, want 3", g.Policy().MinResendDelay)
 	}
 	runSteps(t, g, clock, []step{
 		{0, req("192.0.2.1", alice, bob), GreyNew, nil},
@@ -225,7 +229,7 @@ func TestFractionalMinDelay(t *testing.T) {
 	})
 }
 
-// TestStaleEntrySwept checks protocol.md §5: a grey entry past the window is
+// TestStaleEntrySwept checks PROTOCOL.md §5: a grey entry past the window is
 // answered 00 03 while held, and 00 01 once swept, which happens no sooner
 // than a minute after it went stale.
 func TestStaleEntrySwept(t *testing.T) {
@@ -236,7 +240,7 @@ func TestStaleEntrySwept(t *testing.T) {
 	}
 	sweepAll := func() {
 		for i := range g.table.shards {
-			g.table.sweepShard(i, g.clock(), g.policy.expiry())
+			g.table.sweepShard(i, g.clock(), g.Policy().expiry())
 		}
 	}
 	clock.advance(12*time.Hour + 59*time.Second)
@@ -339,7 +343,7 @@ func FuzzDecideQmail(f *testing.F) {
 		}
 		if v1 != AcceptWhitelisted && v1 != AcceptKnownIP && v1 != AcceptRetried && v1 != AcceptBounce &&
 			v1 != GreyNew && v1 != GreyTooSoon && v1 != GreyStale {
-			t.Fatalf("verdict %04x is not in protocol.md §3", v1)
+			t.Fatalf("verdict %04x is not in PROTOCOL.md §3", v1)
 		}
 		// Asking again at the same moment never turns a greylist into an
 		// accept unless the client is known or whitelisted.

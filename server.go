@@ -10,33 +10,45 @@ import (
 )
 
 // A server answers qmail greylisting requests on its UDP sockets with a
-// fixed set of reader goroutines, each owning its buffers, so that serving a
-// request allocates nothing.
+// fixed set of reader goroutines, each owning its buffers and counters, so
+// that serving a request allocates nothing and shares no cache line with
+// another core. It is the daemon's qmail front end.
 type server struct {
-	g     *Greylister
-	conns []*net.UDPConn // bound to one address with SO_REUSEPORT when more than one
-	dlog  *decisionLog   // decision lines; nil logs nothing
-	log   *logger
+	g       *Greylister
+	conns   []*net.UDPConn // bound to one address with SO_REUSEPORT when more than one
+	readers int            // reader goroutines per socket
+	dlog    *decisionLog   // decision lines; nil logs nothing
+	log     *logger
 
-	stats serverStats
-}
+	// allow holds the networks whose requests are answered; nil answers
+	// everyone. A reload replaces it.
+	allow atomic.Pointer[IPRanges]
 
-// serverStats counts what the server did. The counters are updated
-// atomically.
-type serverStats struct {
-	requests    atomic.Uint64 // datagrams received
-	malformed   atomic.Uint64 // datagrams that got no reply
-	replies     atomic.Uint64 // replies sent
-	writeErrors atomic.Uint64 // replies that could not be sent
+	mu      sync.Mutex
+	workers []*worker // every reader's scratch space and counters
+
 	readErrors  atomic.Uint64 // failed reads other than the socket closing
+	writeErrors atomic.Uint64 // replies that could not be sent
 }
 
-// A worker is one reader goroutine's scratch space.
+// workerCounts counts what one reader did. Only its reader writes them;
+// UpdateStats reads them at any time.
+type workerCounts struct {
+	requests  atomic.Uint64 // datagrams received
+	malformed atomic.Uint64 // datagrams that got no reply because they were malformed
+	refused   atomic.Uint64 // datagrams from outside the allow list, dropped
+	replies   atomic.Uint64 // replies sent
+	verdicts  [numVerdicts]atomic.Uint64
+}
+
+// A worker is one reader goroutine's scratch space and counters.
 type worker struct {
-	buf   []byte // readLoop's datagram; one byte more than the largest accepted
-	reply []byte
-	line  []byte
-	kb    keyBuilder
+	buf    []byte // readLoop's datagram; one byte more than the largest accepted
+	reply  []byte
+	line   []byte
+	kb     keyBuilder
+	counts workerCounts
+	_      [64]byte // keeps the next worker's counters off this cache line
 }
 
 func newWorker() *worker {
@@ -47,6 +59,52 @@ func newWorker() *worker {
 	}
 }
 
+// newWorker returns a worker whose counters s reports.
+func (s *server) newWorker() *worker {
+	w := newWorker()
+	s.mu.Lock()
+	s.workers = append(s.workers, w)
+	s.mu.Unlock()
+	return w
+}
+
+// Name returns the front end's name in logs and metrics.
+func (s *server) Name() string { return "qmail" }
+
+// Serve answers requests until Close is called, and returns once every
+// reader has finished the requests it was handling.
+func (s *server) Serve() error {
+	s.serve(s.readers)
+	return nil
+}
+
+// Close closes the sockets, which stops every reader.
+func (s *server) Close() error {
+	closeAll(s.conns)
+	return nil
+}
+
+// Addr returns the address the server answers on.
+func (s *server) Addr() net.Addr { return s.conns[0].LocalAddr() }
+
+// UpdateStats adds what the server did so far to st.
+func (s *server) UpdateStats(st *FrontEndStats) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, w := range s.workers {
+		c := &w.counts
+		st.Requests += c.requests.Load()
+		st.Malformed += c.malformed.Load()
+		st.Refused += c.refused.Load()
+		st.Replies += c.replies.Load()
+		for i := range c.verdicts {
+			st.Verdicts[i] += c.verdicts[i].Load()
+		}
+	}
+	st.ReadErrors += s.readErrors.Load()
+	st.WriteErrors += s.writeErrors.Load()
+}
+
 // serve runs n reader goroutines per socket until the sockets are closed,
 // and returns once all of them have finished the requests they were
 // handling.
@@ -55,7 +113,7 @@ func (s *server) serve(n int) {
 	for _, conn := range s.conns {
 		for range max(n, 1) {
 			wg.Go(func() {
-				w := newWorker()
+				w := s.newWorker()
 				if !s.readLoopBatch(w, conn) {
 					s.readLoop(w, conn)
 				}
@@ -77,7 +135,7 @@ func (s *server) readLoop(w *worker, conn *net.UDPConn) {
 			}
 			// Nothing a client sends makes a UDP read fail; count it,
 			// log it, and do not spin if it repeats.
-			if rarely(&s.stats.readErrors, 1) {
+			if rarely(&s.readErrors, 1) {
 				s.log.Errorf("cannot read request: %v", err)
 			}
 			time.Sleep(time.Millisecond)
@@ -88,12 +146,12 @@ func (s *server) readLoop(w *worker, conn *net.UDPConn) {
 			continue
 		}
 		if _, err := conn.WriteToUDPAddrPort(reply, peer); err != nil {
-			if rarely(&s.stats.writeErrors, 1) {
+			if rarely(&s.writeErrors, 1) {
 				s.log.Errorf("cannot send reply to %s: %v", peer, err)
 			}
 			continue
 		}
-		s.stats.replies.Add(1)
+		w.counts.replies.Add(1)
 	}
 }
 
@@ -125,7 +183,7 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 			if errors.Is(err, net.ErrClosed) {
 				return true
 			}
-			if rarely(&s.stats.readErrors, 1) {
+			if rarely(&s.readErrors, 1) {
 				s.log.Errorf("cannot read requests: %v", err)
 			}
 			time.Sleep(time.Millisecond)
@@ -135,8 +193,10 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 			d, truncated := bc.datagram(i)
 			peer := bc.peer(i)
 			if truncated {
-				s.stats.requests.Add(1)
-				s.malformed(w, d, peer, "bad req too long")
+				w.counts.requests.Add(1)
+				if s.allowed(w, peer) {
+					s.malformed(w, d, peer, "bad req too long")
+				}
 				continue
 			}
 			if reply := s.handle(w, d, peer); reply != nil {
@@ -144,8 +204,8 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 			}
 		}
 		sent, failed, err := bc.flush()
-		s.stats.replies.Add(uint64(sent))
-		if failed > 0 && rarely(&s.stats.writeErrors, failed) {
+		w.counts.replies.Add(uint64(sent))
+		if failed > 0 && rarely(&s.writeErrors, failed) {
 			s.log.Errorf("cannot send replies: %v", err)
 		}
 	}
@@ -154,7 +214,10 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 // handle decides one datagram from peer and returns the reply to send, or
 // nil for none. The reply is w's buffer.
 func (s *server) handle(w *worker, datagram []byte, peer netip.AddrPort) []byte {
-	s.stats.requests.Add(1)
+	w.counts.requests.Add(1)
+	if !s.allowed(w, peer) {
+		return nil
+	}
 	if len(datagram) > maxRequestSize {
 		s.malformed(w, datagram[:maxRequestSize], peer, "bad req too long")
 		return nil
@@ -164,6 +227,7 @@ func (s *server) handle(w *worker, datagram []byte, peer netip.AddrPort) []byte 
 		s.malformed(w, datagram, peer, err.Error())
 		return nil
 	}
+	w.counts.verdicts[v.index()].Add(1)
 	if s.dlog != nil {
 		w.line = appendLogLine(w.line[:0], peer, v.Event(), datagram)
 		s.dlog.write(w.line)
@@ -172,9 +236,20 @@ func (s *server) handle(w *worker, datagram []byte, peer netip.AddrPort) []byte 
 	return w.reply
 }
 
+// allowed reports whether a request from peer may be answered, and counts
+// it as refused when not. Refused requests are not logged: whoever sends
+// them chooses how many.
+func (s *server) allowed(w *worker, peer netip.AddrPort) bool {
+	if allow := s.allow.Load(); allow != nil && !allow.Contains(peer.Addr()) {
+		w.counts.refused.Add(1)
+		return false
+	}
+	return true
+}
+
 // malformed counts a malformed datagram and logs it, rate-limited.
 func (s *server) malformed(w *worker, datagram []byte, peer netip.AddrPort, event string) {
-	s.stats.malformed.Add(1)
+	w.counts.malformed.Add(1)
 	if s.dlog != nil && s.dlog.allowBad(s.g.now()) {
 		w.line = appendLogLine(w.line[:0], peer, event, datagram)
 		s.dlog.write(w.line)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -15,52 +14,6 @@ import (
 	"testing"
 	"time"
 )
-
-// startDaemon runs a daemon on 127.0.0.1:0 with cfg's other settings and
-// returns its address. The daemon stops when the test ends; its stdout and
-// stderr are returned as buffers to read after stop is called.
-func startDaemon(t *testing.T, cfg Config, now func() time.Time) (addr *net.UDPAddr, stop func() (stdout, stderr string)) {
-	t.Helper()
-	cfg.Listen = "127.0.0.1:0"
-	if cfg.StateFile == defaultStateFile {
-		cfg.StateFile = filepath.Join(t.TempDir(), "state")
-	}
-	var out, errOut syncBuffer
-	ready := make(chan net.Addr, 1)
-	d := &daemon{cfg: &cfg, stdout: &out, stderr: &errOut, now: now,
-		onReady: func(a net.Addr) { ready <- a }}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.run(ctx) }()
-	select {
-	case a := <-ready:
-		addr = a.(*net.UDPAddr)
-	case err := <-done:
-		cancel()
-		t.Fatalf("daemon did not start: %v\n%s", err, errOut.String())
-	case <-time.After(10 * time.Second):
-		cancel()
-		t.Fatal("daemon did not start within 10 s")
-	}
-	stopped := false
-	stop = func() (string, string) {
-		if !stopped {
-			stopped = true
-			cancel()
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Errorf("daemon returned %v", err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("daemon did not stop within 10 s")
-			}
-		}
-		return out.String(), errOut.String()
-	}
-	t.Cleanup(func() { stop() })
-	return addr, stop
-}
 
 // syncBuffer is a bytes.Buffer safe for concurrent use.
 type syncBuffer struct {
@@ -251,7 +204,7 @@ func TestConcurrentClients(t *testing.T) {
 // decision log line included, allocates nothing.
 func TestHandleAllocatesNothing(t *testing.T) {
 	g, clock := newTestGreylister(t, "10.0.0.0/8")
-	srv := &server{g: g, dlog: newDecisionLog(io.Discard), log: &logger{w: io.Discard}}
+	srv := &server{g: g, dlog: newDecisionLog(io.Discard), log: newLogger(io.Discard, false)}
 	w := newWorker()
 	peer := netip.MustParseAddrPort("127.0.0.1:4000")
 	known := req("192.0.2.1", alice, bob)
@@ -274,8 +227,8 @@ func TestHandleAllocatesNothing(t *testing.T) {
 func TestBadRequestLogIsRateLimited(t *testing.T) {
 	g, clock := newTestGreylister(t, "")
 	var out bytes.Buffer
-	srv := &server{g: g, dlog: newDecisionLog(&out), log: &logger{w: io.Discard}}
-	w := newWorker()
+	srv := &server{g: g, dlog: newDecisionLog(&out), log: newLogger(io.Discard, false)}
+	w := srv.newWorker()
 	peer := netip.MustParseAddrPort("127.0.0.1:4000")
 	for range 1000 {
 		if srv.handle(w, []byte("junk"), peer) != nil {
@@ -292,7 +245,9 @@ func TestBadRequestLogIsRateLimited(t *testing.T) {
 	if want := fmt.Sprintf("greydaemon: %d bad requests not logged", 1000-badPerSecond); lines[badPerSecond] != want {
 		t.Errorf("got %q, want %q", lines[badPerSecond], want)
 	}
-	if got := srv.stats.malformed.Load(); got != 1001 {
+	var st FrontEndStats
+	srv.UpdateStats(&st)
+	if got := st.Malformed; got != 1001 {
 		t.Errorf("malformed counter = %d, want 1001", got)
 	}
 }
@@ -344,7 +299,7 @@ func TestReusePortSockets(t *testing.T) {
 		}
 	}
 	g, _ := newTestGreylister(t, "")
-	srv := &server{g: g, conns: conns, log: &logger{w: io.Discard}}
+	srv := &server{g: g, conns: conns, log: newLogger(io.Discard, false)}
 	served := make(chan struct{})
 	go func() { srv.serve(1); close(served) }()
 	addr := conns[0].LocalAddr().(*net.UDPAddr)
@@ -370,9 +325,9 @@ func TestReadLoopFallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	g, _ := newTestGreylister(t, "")
-	srv := &server{g: g, conns: []*net.UDPConn{conn}, log: &logger{w: io.Discard}}
+	srv := &server{g: g, conns: []*net.UDPConn{conn}, log: newLogger(io.Discard, false)}
 	done := make(chan struct{})
-	go func() { srv.readLoop(newWorker(), conn); close(done) }()
+	go func() { srv.readLoop(srv.newWorker(), conn); close(done) }()
 	client := dial(t, conn.LocalAddr().(*net.UDPAddr))
 	if got := exchange(t, client, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
 		t.Fatalf("reply %x, want 0001", got)
@@ -389,7 +344,9 @@ func TestReadLoopFallback(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("readLoop did not return after the socket closed")
 	}
-	if srv.stats.replies.Load() != 2 || srv.stats.malformed.Load() != 1 {
-		t.Fatalf("replies %d, malformed %d", srv.stats.replies.Load(), srv.stats.malformed.Load())
+	var st FrontEndStats
+	srv.UpdateStats(&st)
+	if st.Replies != 2 || st.Malformed != 1 {
+		t.Fatalf("replies %d, malformed %d", st.Replies, st.Malformed)
 	}
 }

@@ -15,7 +15,7 @@ import (
 func writeBenchSnapshot(b *testing.B) string {
 	b.Helper()
 	path := filepath.Join(b.TempDir(), "state")
-	s := &snapshotter{path: path, table: newTable(defaultShards, 2_000_000), policy: testPolicy, now: time.Now}
+	s := &snapshotter{path: path, table: newTable(defaultShards, 2_000_000), policy: testPolicyFunc, now: time.Now}
 	now := uint32(time.Now().Unix())
 	for i := range uint32(100_000) {
 		s.table.markKnown(ckey(i), now, testExpiry)
@@ -32,7 +32,7 @@ func writeBenchSnapshot(b *testing.B) string {
 // BenchmarkSnapshotSave measures a durable save of 1M entries.
 func BenchmarkSnapshotSave(b *testing.B) {
 	path := writeBenchSnapshot(b)
-	s := &snapshotter{path: path, table: newTable(defaultShards, 2_000_000), policy: testPolicy, now: time.Now}
+	s := &snapshotter{path: path, table: newTable(defaultShards, 2_000_000), policy: testPolicyFunc, now: time.Now}
 	if _, err := s.load(); err != nil {
 		b.Fatal(err)
 	}
@@ -55,7 +55,7 @@ func BenchmarkSnapshotLoad(b *testing.B) {
 	b.ReportAllocs()
 	var n int
 	for b.Loop() {
-		s := &snapshotter{path: path, table: newTable(defaultShards, 2_000_000), policy: testPolicy, now: time.Now}
+		s := &snapshotter{path: path, table: newTable(defaultShards, 2_000_000), policy: testPolicyFunc, now: time.Now}
 		st, err := s.load()
 		if err != nil {
 			b.Fatal(err)
@@ -71,18 +71,19 @@ func BenchmarkSnapshotLoad(b *testing.B) {
 func BenchmarkReplyDelayDuringSave(b *testing.B) {
 	cfg := defaultConfig()
 	cfg.StateFile = writeBenchSnapshot(b)
-	cfg.Listen = "127.0.0.1:0"
-	ready := make(chan net.Addr, 1)
 	saves := make(chan error, 1)
-	d := &daemon{cfg: &cfg, stdout: discard{}, stderr: discard{}, now: time.Now,
-		onReady: func(a net.Addr) { ready <- a }, saveNow: make(chan struct{}),
-		onSave: func(_ saveStats, err error) { saves <- err }}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.run(ctx) }()
-	defer func() { cancel(); <-saves; <-done }()
-	addr := (<-ready).(*net.UDPAddr)
-	conn, err := net.DialUDP("udp", nil, addr)
+	td := startTestDaemon(b, settingsOf(b, cfg), time.Now, func(d *daemon) {
+		d.stdout, d.stderr = discard{}, discard{}
+		d.saveNow = make(chan struct{})
+		d.onSave = func(_ saveStats, err error) { saves <- err }
+	})
+	d := td.daemon
+	defer func() {
+		td.stopDaemon()
+		<-saves // the final save
+		td.stop(b)
+	}()
+	conn, err := net.DialUDP("udp", nil, td.addr)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -141,14 +142,8 @@ func BenchmarkStartup(b *testing.B) {
 	for b.Loop() {
 		cfg := defaultConfig()
 		cfg.StateFile = path
-		cfg.Listen = "127.0.0.1:0"
-		ready := make(chan net.Addr, 1)
-		d := &daemon{cfg: &cfg, stdout: discard{}, stderr: discard{}, now: time.Now,
-			onReady: func(a net.Addr) { ready <- a }}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- d.run(ctx) }()
-		conn, err := net.DialUDP("udp", nil, (<-ready).(*net.UDPAddr))
+		td := startTestDaemon(b, settingsOf(b, cfg), time.Now, func(d *daemon) { d.stdout, d.stderr = discard{}, discard{} })
+		conn, err := net.DialUDP("udp", nil, td.addr)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -159,8 +154,7 @@ func BenchmarkStartup(b *testing.B) {
 		}
 		b.StopTimer()
 		conn.Close()
-		cancel()
-		<-done
+		td.stop(b)
 		b.StartTimer()
 	}
 }

@@ -11,7 +11,7 @@ import (
 )
 
 func newTestSnapshotter(t testing.TB, path string, clock *fakeClock) *snapshotter {
-	return &snapshotter{path: path, table: newTable(16, 1_000_000), policy: testPolicy, now: clock.now}
+	return &snapshotter{path: path, table: newTable(16, 1_000_000), policy: testPolicyFunc, now: clock.now}
 }
 
 // tableContents returns every entry of t, for comparison.

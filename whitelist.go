@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -11,10 +12,11 @@ import (
 	"strings"
 )
 
-// A Whitelist is a set of IP ranges whose clients are never greylisted. The
-// zero Whitelist is empty. A Whitelist does not change once built, so it is
-// safe for concurrent use.
-type Whitelist struct {
+// IPRanges is a set of IP ranges: the whitelist (clients never greylisted)
+// and the allow list (clients answered). The zero IPRanges is empty, and so
+// is a nil one. An IPRanges does not change once built, so it is safe for
+// concurrent use.
+type IPRanges struct {
 	// ranges holds the masked prefixes; bits4 and bits6 list the prefix
 	// lengths present per address family, longest first, so a lookup
 	// costs one map probe per distinct length.
@@ -23,11 +25,16 @@ type Whitelist struct {
 }
 
 // Len returns the number of distinct ranges in w.
-func (w *Whitelist) Len() int { return len(w.ranges) }
+func (w *IPRanges) Len() int {
+	if w == nil {
+		return 0
+	}
+	return len(w.ranges)
+}
 
 // Contains reports whether addr lies in one of w's ranges. It does not
 // allocate.
-func (w *Whitelist) Contains(addr netip.Addr) bool {
+func (w *IPRanges) Contains(addr netip.Addr) bool {
 	if w == nil || len(w.ranges) == 0 || !addr.IsValid() {
 		return false
 	}
@@ -49,7 +56,7 @@ func (w *Whitelist) Contains(addr netip.Addr) bool {
 }
 
 // add adds the masked prefix p to w.
-func (w *Whitelist) add(p netip.Prefix) {
+func (w *IPRanges) add(p netip.Prefix) {
 	if w.ranges == nil {
 		w.ranges = make(map[netip.Prefix]struct{})
 	}
@@ -70,7 +77,7 @@ func (w *Whitelist) add(p netip.Prefix) {
 
 // LoadWhitelist reads the whitelist file at path. Warnings (ranges with host
 // bits set, which are masked) go to warn.
-func LoadWhitelist(path string, warn func(string)) (*Whitelist, error) {
+func LoadWhitelist(path string, warn func(string)) (*IPRanges, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("cannot open whitelist: %w", err)
@@ -79,31 +86,50 @@ func LoadWhitelist(path string, warn func(string)) (*Whitelist, error) {
 	return parseWhitelist(f, path, warn)
 }
 
+// maxWhitelistErrors bounds how many bad lines one error reports.
+const maxWhitelistErrors = 20
+
 // parseWhitelist reads a whitelist: one range per line, '#' starting a
 // comment, blank lines skipped. Ranges are CIDR (a.b.c.d/bits, IPv6/bits),
 // single addresses, or the Perl daemon's shortened IPv4 forms a.b.c (/24),
-// a.b (/16) and a (/8). name is used in errors and warnings.
-func parseWhitelist(r io.Reader, name string, warn func(string)) (*Whitelist, error) {
-	w := &Whitelist{}
+// a.b (/16) and a (/8). Like the Perl daemon it reads the range at the start
+// of a line and ignores words after it ("198.18.0.0/15 backup relays"),
+// with a warning. name is used in errors and warnings; the error names every
+// bad line (up to maxWhitelistErrors).
+func parseWhitelist(r io.Reader, name string, warn func(string)) (*IPRanges, error) {
+	w := &IPRanges{}
+	var errs []error
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 4096), 1<<20)
 	for line := 1; sc.Scan(); line++ {
 		text, _, _ := strings.Cut(sc.Text(), "#")
-		text = strings.TrimSpace(text)
-		if text == "" {
+		words := strings.Fields(text)
+		if len(words) == 0 {
 			continue
 		}
-		p, masked, err := parseRange(text)
+		p, masked, err := parseRange(words[0])
 		if err != nil {
-			return nil, fmt.Errorf("%s:%d: %w", name, line, err)
+			if len(errs) < maxWhitelistErrors {
+				errs = append(errs, fmt.Errorf("%s:%d: %w", name, line, err))
+			}
+			continue
 		}
-		if masked && warn != nil {
-			warn(fmt.Sprintf("%s:%d: %q has host bits set; using %s", name, line, text, p))
+		if warn != nil {
+			if masked {
+				warn(fmt.Sprintf("%s:%d: %q has host bits set; using %s", name, line, words[0], p))
+			}
+			if len(words) > 1 {
+				warn(fmt.Sprintf("%s:%d: ignoring the words after %s, as the Perl daemon did: %q",
+					name, line, words[0], strings.Join(words[1:], " ")))
+			}
 		}
 		w.add(p)
 	}
 	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("cannot read %s: %w", name, err)
+		errs = append(errs, fmt.Errorf("cannot read %s: %w", name, err))
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	return w, nil
 }

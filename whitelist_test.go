@@ -57,7 +57,7 @@ func TestWhitelistForms(t *testing.T) {
 	if w.Len() != 9 {
 		t.Errorf("Len() = %d, want 9", w.Len())
 	}
-	var empty *Whitelist
+	var empty *IPRanges
 	if empty.Contains(netip.MustParseAddr("10.0.0.1")) {
 		t.Error("nil whitelist matched")
 	}
@@ -71,7 +71,7 @@ func TestWhitelistErrors(t *testing.T) {
 		{"1.2.3.4/-1", "bad prefix length"},
 		{"1.2.3.4/", "bad prefix length"},
 		{"1..3", "bad IPv4 address"},
-		{"1.2.3.4 5.6.7.8", "bad IPv4 address"},
+		{"backup relays 1.2.3.4", "bad IPv4 address"},
 		{"example.com", "bad IPv4 address"},
 		{"2001:db8::/129", "bad prefix length"},
 		{"2001:zz8::", "bad IPv6 address"},
@@ -81,6 +81,31 @@ func TestWhitelistErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "/etc/wl:3: ") || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("%q: got %v, want /etc/wl:3: ... %s", tt.line, err, tt.want)
 		}
+	}
+}
+
+// TestWhitelistPerlTrailingWords checks that a Perl whitelist whose lines
+// carry words after the range loads, with one warning per such line, and
+// that every bad line of a file is named.
+func TestWhitelistPerlTrailingWords(t *testing.T) {
+	var warnings []string
+	w, err := parseWhitelist(strings.NewReader("198.18.0.0/15 backup relays\n10.1 office  # comment\n192.0.2.7\n"), "wl",
+		func(s string) { warnings = append(warnings, s) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ip := range []string{"198.19.255.1", "10.1.200.3", "192.0.2.7"} {
+		if !w.Contains(netip.MustParseAddr(ip)) {
+			t.Errorf("%s not whitelisted", ip)
+		}
+	}
+	if len(warnings) != 2 || !strings.Contains(warnings[0], `wl:1: ignoring the words after 198.18.0.0/15, as the Perl daemon did: "backup relays"`) ||
+		!strings.Contains(warnings[1], "wl:2:") {
+		t.Errorf("warnings: %q", warnings)
+	}
+	_, err = parseWhitelist(strings.NewReader("relays 10.0.0.0/8\n10.0.0.0/8\n300.1.1.1 x\n"), "wl", nil)
+	if err == nil || !strings.Contains(err.Error(), "wl:1: ") || !strings.Contains(err.Error(), "wl:3: ") {
+		t.Errorf("got %v, want errors for lines 1 and 3", err)
 	}
 }
 
@@ -104,9 +129,8 @@ func TestWhitelistFileErrorIsFatal(t *testing.T) {
 	os.WriteFile(path, []byte("10.0.0.0/8\n300.1.2.3\n"), 0o644)
 	cfg := defaultConfig()
 	cfg.Whitelist = path
-	cfg.Listen = "127.0.0.1:0"
-	cfg.StateFile = filepath.Join(t.TempDir(), "state")
-	d := &daemon{cfg: &cfg, stdout: &syncBuffer{}, stderr: &syncBuffer{}, now: newFakeClock().now}
+	d := newDaemon(settingsOf(t, cfg), &syncBuffer{}, &syncBuffer{})
+	d.now = newFakeClock().now
 	err := d.run(t.Context())
 	if err == nil || !strings.Contains(err.Error(), path+":2:") {
 		t.Fatalf("got %v, want an error naming %s:2", err, path)

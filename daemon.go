@@ -1,0 +1,404 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// This file is the daemon's lifecycle: open (settings, sockets, privileges,
+// state), serve (front ends, background work, signals), and shutdown (one
+// stop order, the final save). Each front end answers one protocol on
+// sockets that open bound; they share the Greylister.
+
+// A frontEnd serves one protocol on its own sockets.
+type frontEnd interface {
+	// Name names the front end in logs and metrics.
+	Name() string
+	// Addr returns the address it answers on.
+	Addr() net.Addr
+	// Serve serves until Close is called, then returns nil once the
+	// requests in flight are answered.
+	Serve() error
+	// Close stops the front end; Serve then returns.
+	Close() error
+}
+
+// A daemon is one run of greydaemon: settings, sockets, table, snapshots,
+// logs and counters.
+type daemon struct {
+	// load reads the settings: at start, and again at each SIGHUP.
+	load           func() (*Settings, error)
+	stdout, stderr io.Writer
+	now            func() time.Time
+	// signals delivers SIGTERM and SIGINT (stop), SIGHUP (reload) and
+	// SIGUSR1 (save now). Nil receives none.
+	signals <-chan os.Signal
+	// notify tells the service manager about the daemon's state
+	// (sd_notify); nil tells nobody.
+	notify func(state string)
+
+	// Test hooks. onReady, if set, is called with each front end's
+	// address by name once the daemon answers requests; onSave after
+	// every save with its outcome; onReload after every reload.
+	onReady  func(addrs map[string]net.Addr)
+	onSave   func(saveStats, error)
+	onReload func(error)
+	// saveNow, if set, asks for a save at once, as SIGUSR1 does.
+	saveNow chan struct{}
+
+	set       *Settings // the running settings; only the run goroutine uses it
+	log       *logger
+	lock      *os.File // the state file's lock, held while the daemon runs
+	table     *table
+	snap      *snapshotter
+	g         *Greylister
+	dlog      *decisionLog
+	qmail     *server
+	frontEnds []frontEnd
+
+	saves, saveFailures     atomic.Uint64
+	reloads, reloadFailures atomic.Uint64
+	lastSave                atomic.Pointer[savedAt]
+	loadDuration            time.Duration
+}
+
+// savedAt is the last successful save.
+type savedAt struct {
+	saveStats
+	at time.Time
+}
+
+// newDaemon returns a daemon that reads its settings with load and logs to
+// stdout (decisions) and stderr (everything else).
+func newDaemon(load func() (*Settings, error), stdout, stderr io.Writer) *daemon {
+	return &daemon{load: load, stdout: stdout, stderr: stderr, now: time.Now}
+}
+
+// run opens the daemon, serves until ctx is done or a stop signal arrives,
+// and shuts down. It returns nil after a clean shutdown with a final save.
+func (d *daemon) run(ctx context.Context) error {
+	set, err := d.load()
+	if err != nil {
+		return err
+	}
+	if err := d.open(set); err != nil {
+		d.closeOpened()
+		return err
+	}
+	return d.serve(ctx)
+}
+
+// open does everything that can fail before the daemon answers: it takes
+// the state file's lock, binds every front end's sockets, drops privileges,
+// reads the whitelist (as the user the daemon runs as) and loads the state.
+func (d *daemon) open(set *Settings) error {
+	d.set = set
+	d.log = newLogger(d.stderr, set.Debug)
+	lock, err := lockStateFile(set.StateFile)
+	if err != nil {
+		return err
+	}
+	d.lock = lock
+
+	conns, activated, err := openQmailSockets(set.ListenAddr)
+	if err != nil {
+		return err
+	}
+	d.qmail = &server{conns: conns, readers: readersPerSocket(len(conns)), log: d.log}
+	d.frontEnds = append(d.frontEnds, d.qmail)
+	if activated {
+		d.log.Infof("using %d socket(s) passed by the service manager", len(conns))
+	}
+	for _, conn := range conns {
+		if err := conn.SetReadBuffer(socketBuffer); err != nil {
+			d.log.Warnf("cannot enlarge the socket receive buffer: %v", err)
+		}
+	}
+	if set.MetricsListen != "" {
+		ms, err := listenMetrics(set.MetricsListen, d)
+		if err != nil {
+			return err
+		}
+		d.frontEnds = append(d.frontEnds, ms)
+	}
+	d.warnIfOpen(set)
+
+	if set.User != "" {
+		if err := dropPrivileges(set.User); err != nil {
+			return err
+		}
+	} else if os.Geteuid() == 0 {
+		d.log.Warnf("running as root; use -u to switch to an unprivileged user")
+	}
+	wl, err := d.loadWhitelist(set.Whitelist)
+	if err != nil {
+		return err
+	}
+
+	if os.Getenv("GOGC") == "" {
+		// The tables hold no pointers, so a collection costs little however
+		// large they are; collecting at 50% growth instead of 100% keeps
+		// the resident memory per entry near the live heap's.
+		debug.SetGCPercent(50)
+	}
+	if err := d.loadState(wl); err != nil {
+		return err
+	}
+	d.qmail.g = d.g
+	d.qmail.allow.Store(set.Allow)
+	d.dlog = newDecisionLog(d.stdout)
+	d.qmail.dlog = d.dlog
+	return nil
+}
+
+// loadState makes the table, the Greylister deciding on it with whitelist
+// wl, and the snapshotter, and loads the state file. A damaged file is set
+// aside and the daemon starts empty.
+func (d *daemon) loadState(wl *IPRanges) error {
+	set := d.set
+	empty := func() {
+		d.table = newTable(shardsFor(set.MaxEntries), set.MaxEntries)
+		d.g = NewGreylister(d.table, set.Policy, wl, d.now)
+		d.snap = &snapshotter{path: set.StateFile, table: d.table, policy: d.g.Policy, now: d.now}
+	}
+	empty()
+	start := time.Now()
+	st, err := d.snap.load()
+	d.loadDuration = time.Since(start)
+	switch {
+	case errors.Is(err, errCorrupt):
+		d.log.Errorf("state file is damaged, starting with an empty table: %v", err)
+		empty() // the damaged file may have filled part of it
+		aside, err := setAside(set.StateFile, d.now())
+		if err != nil {
+			d.log.Errorf("%v", err)
+			return fmt.Errorf("refusing to overwrite the damaged state file %q", set.StateFile)
+		}
+		d.log.Errorf("damaged state file kept as %q", aside)
+	case err != nil:
+		return err
+	case st.format == "missing":
+		d.log.Infof("no state file %q yet; starting empty", set.StateFile)
+	default:
+		d.log.Infof("loaded %s state file %q: %d known IPs, %d grey triplets, %d expired skipped, %d bad lines skipped, in %v",
+			st.format, set.StateFile, st.known, st.grey, st.expired, st.bad, d.loadDuration.Round(time.Millisecond))
+	}
+	return nil
+}
+
+// loadWhitelist reads the whitelist at path, or returns nil for none.
+func (d *daemon) loadWhitelist(path string) (*IPRanges, error) {
+	if path == "" {
+		return nil, nil
+	}
+	return LoadWhitelist(path, func(msg string) { d.log.Warnf("%s", msg) })
+}
+
+// warnIfOpen warns when the qmail port answers anyone who can reach it.
+func (d *daemon) warnIfOpen(set *Settings) {
+	if set.Allow != nil || d.qmail == nil {
+		return
+	}
+	if a, ok := d.qmail.Addr().(*net.UDPAddr); ok && !a.IP.IsLoopback() {
+		d.log.Warnf("listening on %s with an empty allow list: anyone who can reach the port can query and fill the table; set allow = [...]", a)
+	}
+}
+
+// closeOpened releases what a failed open acquired.
+func (d *daemon) closeOpened() {
+	for _, fe := range d.frontEnds {
+		fe.Close()
+	}
+	if d.lock != nil {
+		d.lock.Close()
+	}
+}
+
+// serve runs the front ends and the background work, handles signals until
+// ctx is done or a stop signal arrives, and then shuts down.
+func (d *daemon) serve(ctx context.Context) error {
+	var frontEnds sync.WaitGroup
+	for _, fe := range d.frontEnds {
+		frontEnds.Go(func() {
+			if err := fe.Serve(); err != nil {
+				d.log.Errorf("%s front end stopped: %v", fe.Name(), err)
+			}
+		})
+	}
+	bg, stopBackground := context.WithCancel(context.Background())
+	var background sync.WaitGroup
+	background.Go(func() {
+		d.g.sweep(bg, time.Minute, func(deleted int) {
+			known, grey := d.table.counts()
+			d.log.Debugf("sweep: %d expired entries dropped; holding %d known IPs and %d grey triplets; %d evicted for the cap so far",
+				deleted, known, grey, d.table.evicted.Load())
+		})
+	})
+	background.Go(func() { d.dlog.flushEvery(bg, time.Second) })
+
+	addrs := map[string]net.Addr{}
+	for _, fe := range d.frontEnds {
+		addrs[fe.Name()] = fe.Addr()
+		d.log.Infof("listening on %s for %s", fe.Addr(), fe.Name())
+	}
+	d.sdNotify("READY=1\nSTATUS=answering on " + d.qmail.Addr().String())
+	if d.onReady != nil {
+		d.onReady(addrs)
+	}
+
+	ticker := time.NewTicker(d.set.SaveInterval.Duration)
+	defer ticker.Stop()
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case <-ticker.C:
+			d.save("timer")
+		case <-d.saveNow:
+			d.save("request")
+		case sig := <-d.signals:
+			switch sig {
+			case syscall.SIGHUP:
+				d.sdNotify("RELOADING=1\n" + monotonicUsec())
+				if d.reload() == nil {
+					ticker.Reset(d.set.SaveInterval.Duration)
+				}
+				d.sdNotify("READY=1")
+			case syscall.SIGUSR1:
+				d.save("SIGUSR1")
+			default:
+				d.log.Infof("%v: stopping", sig)
+				break loop
+			}
+		}
+	}
+	return d.shutdown(&frontEnds, stopBackground, &background)
+}
+
+// shutdown stops the daemon in one order: the front ends stop reading and
+// answer what they hold, the background work stops, the final save runs
+// alone, the log is flushed, and the state file's lock is released. It
+// returns an error if the final save failed.
+func (d *daemon) shutdown(frontEnds *sync.WaitGroup, stopBackground func(), background *sync.WaitGroup) error {
+	d.sdNotify("STOPPING=1")
+	for _, fe := range d.frontEnds {
+		fe.Close()
+	}
+	frontEnds.Wait()
+	stopBackground()
+	background.Wait()
+	saveErr := d.save("shutdown")
+	if err := d.dlog.flush(); err != nil {
+		d.log.Errorf("cannot write the decision log: %v", err)
+	}
+	var st Stats
+	d.UpdateStats(&st)
+	q := st.FrontEnds[0]
+	d.log.Infof("stopped: %d requests, %d malformed, %d refused, %d replies",
+		q.Requests, q.Malformed, q.Refused, q.Replies)
+	d.lock.Close()
+	if saveErr != nil {
+		return fmt.Errorf("the final save failed; changes since the last good save are lost: %w", saveErr)
+	}
+	return nil
+}
+
+// save writes a snapshot and logs and counts the outcome. why says what
+// asked for it.
+func (d *daemon) save(why string) error {
+	st, err := d.snap.save()
+	if d.onSave != nil {
+		defer d.onSave(st, err)
+	}
+	if err != nil {
+		d.saveFailures.Add(1)
+		retry := "; will retry"
+		if why == "shutdown" {
+			retry = ""
+		}
+		d.log.Errorf("cannot save state (%s), keeping the previous snapshot%s: %v", why, retry, err)
+		return err
+	}
+	d.saves.Add(1)
+	d.lastSave.Store(&savedAt{saveStats: st, at: d.now()})
+	d.log.Debugf("saved %d known IPs and %d grey triplets to %q (%d bytes, %v, %s); %d evicted, %d expired so far",
+		st.known, st.grey, d.set.StateFile, st.bytes, st.elapsed.Round(time.Millisecond), why,
+		d.table.evicted.Load(), d.table.expired.Load())
+	return nil
+}
+
+// reload re-reads the settings and the whitelist and applies them. On any
+// error the running settings stay. Settings that only a restart can change
+// (sockets, state file, user, table size) keep their running values, with
+// a warning.
+func (d *daemon) reload() (err error) {
+	defer func() {
+		if err != nil {
+			d.reloadFailures.Add(1)
+			d.log.Errorf("reload failed, keeping the running settings: %v", err)
+		} else {
+			d.reloads.Add(1)
+		}
+		if d.onReload != nil {
+			d.onReload(err)
+		}
+	}()
+	set, err := d.load()
+	if err != nil {
+		return err
+	}
+	wl, err := d.loadWhitelist(set.Whitelist)
+	if err != nil {
+		return err
+	}
+	old := d.set
+	for _, k := range []struct {
+		key        string
+		was, is    any
+		keepOldVal func()
+	}{
+		{"listen", old.Listen, set.Listen, func() { set.Listen, set.ListenAddr = old.Listen, old.ListenAddr }},
+		{"state_file", old.StateFile, set.StateFile, func() { set.StateFile = old.StateFile }},
+		{"user", old.User, set.User, func() { set.User = old.User }},
+		{"max_entries", old.MaxEntries, set.MaxEntries, func() { set.MaxEntries = old.MaxEntries }},
+		{"metrics_listen", old.MetricsListen, set.MetricsListen, func() { set.MetricsListen = old.MetricsListen }},
+	} {
+		if k.was != k.is {
+			d.log.Warnf("reload: %s changed from %v to %v; it takes effect at the next start", k.key, k.was, k.is)
+			k.keepOldVal()
+		}
+	}
+	d.g.SetRules(set.Policy, wl)
+	d.qmail.allow.Store(set.Allow)
+	d.log.setDebug(set.Debug)
+	d.set = set
+	d.warnIfOpen(set)
+	d.log.Infof("reloaded settings%s: %d whitelist ranges, %d allowed networks, min delay %ds, resend window %ds, known-IP lifetime %ds",
+		fromFile(set), wl.Len(), set.Allow.Len(), set.Policy.MinResendDelay, set.Policy.ResendWindow, set.Policy.KnownIPLifetime)
+	return nil
+}
+
+// fromFile returns " from FILE" when the settings came from a config file.
+func fromFile(set *Settings) string {
+	if set.Source.File == "" {
+		return ""
+	}
+	return " from " + set.Source.File
+}
+
+// sdNotify tells the service manager the daemon's state, if it listens.
+func (d *daemon) sdNotify(state string) {
+	if d.notify != nil {
+		d.notify(state)
+	}
+}

@@ -1,0 +1,180 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"runtime"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// A metricsServer serves the daemon's counters as Prometheus text at
+// /metrics. It is a front end like the qmail server: bound at open, served
+// until shutdown.
+//
+// The request path never calls client_golang: the front ends keep plain
+// atomic counters, and a scrape gathers them with one daemon.UpdateStats
+// call and turns them into constant metrics.
+type metricsServer struct {
+	ln  net.Listener
+	srv *http.Server
+}
+
+// listenMetrics binds the metrics endpoint to hostport.
+func listenMetrics(hostport string, d *daemon) (*metricsServer, error) {
+	ln, err := net.Listen("tcp", hostport)
+	if err != nil {
+		return nil, fmt.Errorf("cannot listen on %s for metrics: %w", hostport, err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		&statsCollector{d: d},
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/" {
+			http.NotFound(w, r)
+			return
+		}
+		fmt.Fprintln(w, "greydaemon: metrics at /metrics")
+	})
+	return &metricsServer{ln: ln, srv: &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}}, nil
+}
+
+// Name returns "metrics".
+func (m *metricsServer) Name() string { return "metrics" }
+
+// Addr returns the address the endpoint answers on.
+func (m *metricsServer) Addr() net.Addr { return m.ln.Addr() }
+
+// Serve serves scrapes until Close.
+func (m *metricsServer) Serve() error {
+	if err := m.srv.Serve(m.ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Close stops the endpoint.
+func (m *metricsServer) Close() error { return m.srv.Close() }
+
+// The metrics' descriptions. Every name starts with greydaemon_ and
+// follows Prometheus naming: _total for counters, base units.
+var (
+	descRequests = prometheus.NewDesc("greydaemon_requests_total",
+		"Requests received, by front end.", []string{"frontend"}, nil)
+	descDecisions = prometheus.NewDesc("greydaemon_decisions_total",
+		"Requests decided, by front end, action (accept or greylist), reason and qmail reply code.",
+		[]string{"frontend", "action", "reason", "reply"}, nil)
+	descMalformed = prometheus.NewDesc("greydaemon_malformed_requests_total",
+		"Malformed requests, which get no reply, by front end.", []string{"frontend"}, nil)
+	descRefused = prometheus.NewDesc("greydaemon_refused_requests_total",
+		"Requests from networks outside the allow list, dropped without a reply, by front end.", []string{"frontend"}, nil)
+	descReplies = prometheus.NewDesc("greydaemon_replies_total",
+		"Replies sent, by front end.", []string{"frontend"}, nil)
+	descIOErrors = prometheus.NewDesc("greydaemon_io_errors_total",
+		"Failed socket reads and writes, by front end and operation.", []string{"frontend", "op"}, nil)
+	descEntries = prometheus.NewDesc("greydaemon_entries",
+		"Entries held, by table (known_ip or grey).", []string{"table"}, nil)
+	descMaxEntries = prometheus.NewDesc("greydaemon_max_entries",
+		"The cap on entries held (known IPs and grey triplets together).", nil, nil)
+	descEvictions = prometheus.NewDesc("greydaemon_evictions_total",
+		"Entries dropped to keep under the cap.", nil, nil)
+	descExpirations = prometheus.NewDesc("greydaemon_expirations_total",
+		"Entries dropped by the sweeper because they expired.", nil, nil)
+	descSaves = prometheus.NewDesc("greydaemon_snapshots_total",
+		"Snapshots written.", nil, nil)
+	descSaveFailures = prometheus.NewDesc("greydaemon_snapshot_failures_total",
+		"Snapshots that failed; the previous snapshot stays.", nil, nil)
+	descSaveDuration = prometheus.NewDesc("greydaemon_snapshot_duration_seconds",
+		"How long the last good snapshot took to write.", nil, nil)
+	descSaveSize = prometheus.NewDesc("greydaemon_snapshot_size_bytes",
+		"The size of the last good snapshot.", nil, nil)
+	descSaveTime = prometheus.NewDesc("greydaemon_snapshot_last_success_timestamp_seconds",
+		"When the last good snapshot was written, in Unix seconds; 0 before the first.", nil, nil)
+	descLoad = prometheus.NewDesc("greydaemon_load_duration_seconds",
+		"How long reading the state file took at start.", nil, nil)
+	descReloads = prometheus.NewDesc("greydaemon_reloads_total",
+		"Reloads of the settings (SIGHUP), by result (success or failure).", []string{"result"}, nil)
+	descLogDropped = prometheus.NewDesc("greydaemon_log_lines_dropped_total",
+		"Malformed-request log lines left out by the rate limit.", nil, nil)
+	descBuild = prometheus.NewDesc("greydaemon_build_info",
+		"Always 1; the labels describe the running binary.", []string{"version", "revision", "goversion"}, nil)
+)
+
+// A statsCollector turns the daemon's Stats into metrics at scrape time.
+type statsCollector struct {
+	d *daemon
+}
+
+// Describe sends every description the collector uses.
+func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{
+		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
+		descEntries, descMaxEntries, descEvictions, descExpirations,
+		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
+		descReloads, descLogDropped, descBuild,
+	} {
+		ch <- d
+	}
+}
+
+// Collect gathers the daemon's Stats once and sends them as metrics.
+func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
+	var st Stats
+	c.d.UpdateStats(&st)
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, fe := range st.FrontEnds {
+		counter(descRequests, fe.Requests, fe.Name)
+		counter(descMalformed, fe.Malformed, fe.Name)
+		counter(descRefused, fe.Refused, fe.Name)
+		counter(descReplies, fe.Replies, fe.Name)
+		counter(descIOErrors, fe.ReadErrors, fe.Name, "read")
+		counter(descIOErrors, fe.WriteErrors, fe.Name, "write")
+		for i, v := range verdicts {
+			action := "greylist"
+			if v.Accepts() {
+				action = "accept"
+			}
+			counter(descDecisions, fe.Verdicts[i], fe.Name, action, v.Reason(), fmt.Sprintf("%04x", uint16(v)))
+		}
+	}
+	gauge(descEntries, float64(st.KnownIPs), "known_ip")
+	gauge(descEntries, float64(st.GreyTriplets), "grey")
+	gauge(descMaxEntries, float64(st.MaxEntries))
+	counter(descEvictions, st.Evictions)
+	counter(descExpirations, st.Expirations)
+	counter(descSaves, st.Saves)
+	counter(descSaveFailures, st.SaveFailures)
+	gauge(descSaveDuration, st.LastSaveDuration.Seconds())
+	gauge(descSaveSize, float64(st.LastSaveBytes))
+	lastSave := 0.0
+	if !st.LastSave.IsZero() {
+		lastSave = float64(st.LastSave.UnixNano()) / 1e9
+	}
+	gauge(descSaveTime, lastSave)
+	gauge(descLoad, st.LoadDuration.Seconds())
+	counter(descReloads, st.Reloads, "success")
+	counter(descReloads, st.ReloadFailures, "failure")
+	counter(descLogDropped, st.BadLinesNotLogged)
+	b := readBuildInfo()
+	gauge(descBuild, 1, b.version, b.revision, runtime.Version())
+}

@@ -1,0 +1,210 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// This file turns a Config into the Settings the daemon runs with: every
+// value checked, and everything derived from the values (the address to
+// bind, the limits in whole seconds, the allow list) computed here and
+// nowhere else.
+
+// Settings are a checked Config and the values derived from it.
+type Settings struct {
+	Config
+	ListenAddr string    // host:port to bind, from Listen
+	Policy     Policy    // the time limits in whole seconds
+	Allow      *IPRanges // networks whose queries are answered; nil: every network
+	Source     Source    // where the values came from
+}
+
+// A Source says where settings came from, so that an error about a value
+// can point at it.
+type Source struct {
+	File     string          // the -c file, or ""
+	FileText []byte          // its contents
+	Flags    map[string]bool // keys given on the command line
+}
+
+// where returns where key's value came from: "FILE:LINE" when the config
+// file sets it and no flag overrides it, "command line" for a flag, and
+// "defaults" otherwise.
+func (s Source) where(key string) string {
+	if s.Flags[key] {
+		return "command line"
+	}
+	if s.File != "" {
+		if line := keyLine(s.FileText, key); line > 0 {
+			return fmt.Sprintf("%s:%d", s.File, line)
+		}
+	}
+	return "defaults"
+}
+
+// A settingError is a problem with the value of one key.
+type settingError struct {
+	Key, Msg string
+}
+
+func (e *settingError) Error() string { return e.Key + ": " + e.Msg }
+
+// problems checks c's values and their combinations, and returns one error
+// per problem, each a *settingError.
+func (c *Config) problems() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, &settingError{key, fmt.Sprintf(format, args...)})
+	}
+	if c.Listen == "" {
+		bad("listen", "must not be empty")
+	} else if _, err := listenAddress(c.Listen); err != nil {
+		bad("listen", "%v", err)
+	}
+	if c.StateFile == "" {
+		bad("state_file", "must not be empty")
+	}
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{
+		{"save_interval", c.SaveInterval.Duration},
+		{"known_ip_lifetime", c.KnownIPLifetime.Duration},
+		{"resend_window", c.ResendWindow.Duration},
+		{"min_resend_delay", c.MinResendDelay.Duration},
+	} {
+		switch {
+		case d.v <= 0:
+			bad(d.key, "must be positive, got %q", d.v)
+		case d.v > maxDuration:
+			bad(d.key, "must be at most 100 years, got %q", d.v)
+		}
+	}
+	if c.SaveInterval.Duration > 0 && c.SaveInterval.Duration < time.Second {
+		bad("save_interval", "must be at least 1s, got %q", c.SaveInterval.Duration)
+	}
+	if c.MinResendDelay.Duration > 0 && c.ResendWindow.Duration > 0 &&
+		ceilSeconds(c.MinResendDelay.Duration) >= ceilSeconds(c.ResendWindow.Duration) {
+		bad("min_resend_delay", "must be below resend_window (%s), got %s: no retry could ever pass",
+			c.ResendWindow.Duration, c.MinResendDelay.Duration)
+	}
+	if c.MaxEntries < 1000 {
+		bad("max_entries", "must be at least 1000, got %d", c.MaxEntries)
+	} else if c.MaxEntries > 1<<31 {
+		bad("max_entries", "must be at most %d, got %d", 1<<31, c.MaxEntries)
+	}
+	if _, err := parseAllow(c.Allow); err != nil {
+		bad("allow", "%v", err)
+	}
+	if c.MetricsListen != "" {
+		if _, port, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			bad("metrics_listen", "want host:port, got %q", c.MetricsListen)
+		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+			bad("metrics_listen", "bad port %q in %q", port, c.MetricsListen)
+		}
+	}
+	return errs
+}
+
+// validate returns every problem with c's values joined into one error, or
+// nil.
+func (c *Config) validate() error { return errors.Join(c.problems()...) }
+
+// resolve checks c, whose values came from src, and derives the settings
+// the daemon runs with. The error lists every problem, each with where the
+// value came from.
+func resolve(c Config, src Source) (*Settings, error) {
+	if errs := c.problems(); len(errs) > 0 {
+		lines := make([]string, len(errs))
+		for i, err := range errs {
+			lines[i] = err.Error()
+			var se *settingError
+			if errors.As(err, &se) {
+				lines[i] = src.where(se.Key) + ": " + lines[i]
+			}
+		}
+		return nil, fmt.Errorf("bad settings: %s", strings.Join(lines, "; "))
+	}
+	addr, _ := listenAddress(c.Listen)
+	allow, _ := parseAllow(c.Allow)
+	return &Settings{
+		Config:     c,
+		ListenAddr: addr,
+		Policy: Policy{
+			KnownIPLifetime: ceilSeconds(c.KnownIPLifetime.Duration),
+			ResendWindow:    ceilSeconds(c.ResendWindow.Duration),
+			MinResendDelay:  ceilSeconds(c.MinResendDelay.Duration),
+		},
+		Allow:  allow,
+		Source: src,
+	}, nil
+}
+
+// ceilSeconds returns d in whole seconds, rounded up, at most MaxUint32-1.
+// For whole-second ages, age < ceil(limit) is the Perl daemon's test
+// against a fractional limit.
+func ceilSeconds(d time.Duration) uint32 {
+	s := (d + time.Second - 1) / time.Second
+	if s >= math.MaxUint32 {
+		return math.MaxUint32 - 1
+	}
+	return uint32(max(s, 0))
+}
+
+// parseAllow parses the allow list; an empty list gives nil (answer
+// everyone). Unlike the whitelist file, host bits set in a range are an
+// error here: there is no legacy file to stay compatible with.
+func parseAllow(list []string) (*IPRanges, error) {
+	if len(list) == 0 {
+		return nil, nil
+	}
+	r := &IPRanges{}
+	for _, s := range list {
+		p, masked, err := parseRange(strings.TrimSpace(s))
+		if err != nil {
+			return nil, err
+		}
+		if masked {
+			return nil, fmt.Errorf("%q has host bits set (did you mean %s?)", s, p)
+		}
+		r.add(p)
+	}
+	return r, nil
+}
+
+// listenAddress turns the Perl daemon's ipaddr[:port] into a host:port for
+// net.ListenUDP. The address may be an IPv4 or IPv6 address (bare or in
+// brackets), a host name, or empty before ":port" (all interfaces); without
+// a port the port is 1999.
+func listenAddress(s string) (string, error) {
+	if addr, err := netip.ParseAddr(s); err == nil {
+		return net.JoinHostPort(addr.String(), defaultPort), nil
+	}
+	if strings.HasPrefix(s, "[") && strings.HasSuffix(s, "]") {
+		addr, err := netip.ParseAddr(s[1 : len(s)-1])
+		if err != nil {
+			return "", fmt.Errorf("bad IPv6 address in %q", s)
+		}
+		return net.JoinHostPort(addr.String(), defaultPort), nil
+	}
+	if !strings.Contains(s, ":") {
+		if s == "" {
+			return "", fmt.Errorf("empty listen address")
+		}
+		return net.JoinHostPort(s, defaultPort), nil
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", fmt.Errorf("bad listen address %q: %v", s, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return "", fmt.Errorf("bad port %q in listen address %q", port, s)
+	}
+	return net.JoinHostPort(host, port), nil
+}

@@ -1,0 +1,65 @@
+package main
+
+import "time"
+
+// Stats is a picture of everything the daemon counts, gathered by one call
+// to daemon.UpdateStats. The metrics endpoint and the stop line read it;
+// the counters are totals since start.
+type Stats struct {
+	FrontEnds []FrontEndStats // the qmail front end first
+
+	KnownIPs, GreyTriplets int    // entries held now
+	MaxEntries             int    // the cap on entries
+	Evictions              uint64 // entries dropped to respect the cap
+	Expirations            uint64 // entries dropped by sweeps because they expired
+
+	Saves, SaveFailures uint64
+	LastSave            time.Time     // when the last good save ended; zero if none yet
+	LastSaveDuration    time.Duration // how long it took
+	LastSaveBytes       int64         // the snapshot's size
+	LoadDuration        time.Duration // reading the state file at start
+
+	Reloads, ReloadFailures uint64
+	BadLinesNotLogged       uint64 // malformed-request log lines left out by the rate limit
+}
+
+// FrontEndStats counts what one front end did.
+type FrontEndStats struct {
+	Name        string
+	Requests    uint64 // requests received
+	Malformed   uint64 // requests that could not be decided and got no reply
+	Refused     uint64 // requests from outside the allow list, dropped
+	Replies     uint64 // replies sent
+	ReadErrors  uint64 // failed reads
+	WriteErrors uint64 // replies that could not be sent
+	Verdicts    [numVerdicts]uint64
+}
+
+// A statsReporter is a front end that counts what it does.
+type statsReporter interface {
+	UpdateStats(st *FrontEndStats)
+}
+
+// UpdateStats fills st with the daemon's counters. It is safe to call at
+// any time from any goroutine once the daemon is open.
+func (d *daemon) UpdateStats(st *Stats) {
+	st.FrontEnds = st.FrontEnds[:0]
+	for _, fe := range d.frontEnds {
+		if r, ok := fe.(statsReporter); ok {
+			fs := FrontEndStats{Name: fe.Name()}
+			r.UpdateStats(&fs)
+			st.FrontEnds = append(st.FrontEnds, fs)
+		}
+	}
+	st.KnownIPs, st.GreyTriplets = d.table.counts()
+	st.MaxEntries = d.table.capacity()
+	st.Evictions = d.table.evicted.Load()
+	st.Expirations = d.table.expired.Load()
+	st.Saves, st.SaveFailures = d.saves.Load(), d.saveFailures.Load()
+	if s := d.lastSave.Load(); s != nil {
+		st.LastSave, st.LastSaveDuration, st.LastSaveBytes = s.at, s.elapsed, s.bytes
+	}
+	st.LoadDuration = d.loadDuration
+	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
+	st.BadLinesNotLogged = d.dlog.dropped()
+}
