@@ -205,12 +205,20 @@ func (d *daemon) loadWhitelist(path string) (*IPRanges, error) {
 
 // warnIfOpen warns when the qmail port answers anyone who can reach it.
 func (d *daemon) warnIfOpen(set *Settings) {
-	if set.Allow != nil || d.qmail == nil {
-		return
+	if msg := openWarning(d.qmail.Addr(), set.Allow); msg != "" {
+		d.log.Warnf("%s", msg)
 	}
-	if a, ok := d.qmail.Addr().(*net.UDPAddr); ok && !a.IP.IsLoopback() {
-		d.log.Warnf("listening on %s with an empty allow list: anyone who can reach the port can query and fill the table; set allow = [...]", a)
+}
+
+// openWarning returns the warning for a front end on addr with the allow
+// list allow, or "" when there is nothing to warn about: the list is set,
+// or only this host can reach the address.
+func openWarning(addr net.Addr, allow *IPRanges) string {
+	a, ok := addr.(*net.UDPAddr)
+	if allow != nil || !ok || a.IP.IsLoopback() {
+		return ""
 	}
+	return fmt.Sprintf("listening on %s with an empty allow list: anyone who can reach the port can query and fill the table; set allow = [...]", a)
 }
 
 // closeOpened releases what a failed open acquired.

@@ -98,6 +98,9 @@ func lookupCommand(args []string, w io.Writer, now func() time.Time) error {
 	when := func(unix uint32) string {
 		at := time.Unix(int64(unix), 0)
 		d := at.Sub(t).Round(time.Second)
+		if d == 0 {
+			return at.Format(time.DateTime) + " (now)"
+		}
 		if d < 0 {
 			return fmt.Sprintf("%s (%s ago)", at.Format(time.DateTime), -d)
 		}

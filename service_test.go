@@ -1,0 +1,371 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// This file tests the daemon as a service: readiness and reload reported
+// to the service manager, SIGHUP, metrics, the allow list, and one
+// instance per address and state file.
+
+// listenNotify makes a fake $NOTIFY_SOCKET and returns a function that
+// waits for the next notification.
+func listenNotify(t *testing.T) func() string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	t.Setenv("NOTIFY_SOCKET", path)
+	return func() string {
+		t.Helper()
+		buf := make([]byte, 4096)
+		conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, err := conn.Read(buf)
+		if err != nil {
+			t.Fatalf("no notification: %v", err)
+		}
+		return string(buf[:n])
+	}
+}
+
+// writeConfig writes a config file for a test daemon on 127.0.0.1:0 with
+// its state in dir, plus the lines given, and returns its path.
+func writeConfig(t *testing.T, dir string, lines ...string) string {
+	t.Helper()
+	path := filepath.Join(dir, "greydaemon.toml")
+	text := fmt.Sprintf("listen = \"127.0.0.1:0\"\nstate_file = %q\n%s\n", filepath.Join(dir, "state"), strings.Join(lines, "\n"))
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// fromArgs returns a load function that reads the command line args, as
+// the daemon does at start and at SIGHUP.
+func fromArgs(args ...string) func() (*Settings, error) {
+	return func() (*Settings, error) { return parseCommandLine(args) }
+}
+
+// TestServiceNotifyAndReload runs a daemon under a fake service manager:
+// READY=1 once it answers, RELOADING=1 then READY=1 around a SIGHUP,
+// STOPPING=1 at shutdown. The reload takes a new whitelist and minimum
+// delay from the config file; a bad file is refused with the running
+// settings and the table kept.
+func TestServiceNotifyAndReload(t *testing.T) {
+	next := listenNotify(t)
+	dir := t.TempDir()
+	wl := filepath.Join(dir, "whitelist")
+	os.WriteFile(wl, []byte("198.51.100.0/24\n"), 0o644)
+	conf := writeConfig(t, dir, `min_resend_delay = "5m"`, fmt.Sprintf("whitelist = %q", wl))
+	clock := newFakeClock()
+	reloaded := make(chan error, 1)
+	td := startTestDaemon(t, fromArgs("-c", conf), clock.now, func(d *daemon) {
+		d.notify = systemdNotifier(d)
+		d.onReload = func(err error) { reloaded <- err }
+	})
+	if got := next(); !strings.HasPrefix(got, "READY=1\nSTATUS=answering on 127.0.0.1:") {
+		t.Fatalf("first notification %q, want READY=1 and a status", got)
+	}
+	conn := dial(t, td.addr)
+	ask := func(ip string, want []byte) {
+		t.Helper()
+		if got := exchange(t, conn, req(ip, alice, bob), 5*time.Second); !bytes.Equal(got, want) {
+			t.Fatalf("%s: reply %x, want %x", ip, got, want)
+		}
+	}
+	ask("198.51.100.7", []byte{1, 1})
+	ask("203.0.113.5", []byte{0, 1})
+	clock.advance(2 * time.Minute)
+	ask("203.0.113.5", []byte{0, 2}) // too soon under 5m
+
+	// A good file: a minimum delay of 1m, another whitelist.
+	os.WriteFile(wl, []byte("192.0.2.0/24 new relays\n"), 0o644)
+	writeConfig(t, dir, `min_resend_delay = "1m"`, fmt.Sprintf("whitelist = %q", wl))
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	if got := next(); !regexp.MustCompile(`^RELOADING=1\nMONOTONIC_USEC=\d+\n?$`).MatchString(got) {
+		t.Fatalf("notification %q, want RELOADING=1 with MONOTONIC_USEC", got)
+	}
+	if got := next(); got != "READY=1" {
+		t.Fatalf("notification %q, want READY=1", got)
+	}
+	ask("192.0.2.9", []byte{1, 1})
+	ask("203.0.113.5", []byte{1, 3}) // the triplet was kept; 2m now passes
+	ask("198.51.100.7", []byte{0, 1})
+
+	// A bad file: refused, the running settings stay.
+	writeConfig(t, dir, `min_resend_delay = "forever"`)
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err == nil || !strings.Contains(err.Error(), `invalid duration "forever"`) {
+		t.Fatalf("reload of a bad file: %v", err)
+	}
+	next()
+	next()
+	// A whitelist that fails: refused too.
+	writeConfig(t, dir, `min_resend_delay = "1m"`, fmt.Sprintf("whitelist = %q", wl))
+	os.WriteFile(wl, []byte("192.0.2.0/24\n300.0.0.0/8\n"), 0o644)
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err == nil || !strings.Contains(err.Error(), wl+":2:") {
+		t.Fatalf("reload with a bad whitelist: %v", err)
+	}
+	next()
+	next()
+	ask("192.0.2.9", []byte{1, 1})   // the whitelist of the last good reload
+	ask("203.0.113.5", []byte{1, 2}) // known since the good retry
+	ask("203.0.113.6", []byte{0, 1})
+	clock.advance(time.Minute)
+	ask("203.0.113.6", []byte{1, 3}) // the 1m delay of the last good reload
+
+	if err := td.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if got := next(); got != "STOPPING=1" {
+		t.Fatalf("notification %q, want STOPPING=1", got)
+	}
+	var st Stats
+	td.UpdateStats(&st)
+	if st.Reloads != 1 || st.ReloadFailures != 2 {
+		t.Errorf("reloads %d, failures %d; want 1 and 2", st.Reloads, st.ReloadFailures)
+	}
+	if log := td.errOut.String(); !strings.Contains(log, "reload failed, keeping the running settings") ||
+		!strings.Contains(log, "ignoring the words after 192.0.2.0/24") {
+		t.Errorf("log lacks the reload failure or the whitelist warning:\n%s", log)
+	}
+}
+
+// TestReloadKeepsRestartOnlySettings checks that a reload that changes the
+// state file keeps the running one and says so.
+func TestReloadKeepsRestartOnlySettings(t *testing.T) {
+	dir := t.TempDir()
+	conf := writeConfig(t, dir)
+	reloaded := make(chan error, 1)
+	td := startTestDaemon(t, fromArgs("-c", conf), newFakeClock().now, func(d *daemon) {
+		d.onReload = func(err error) { reloaded <- err }
+	})
+	os.WriteFile(conf, []byte(fmt.Sprintf("listen = \"127.0.0.1:0\"\nstate_file = %q\n", filepath.Join(dir, "other"))), 0o644)
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err != nil {
+		t.Fatal(err)
+	}
+	if err := td.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state")); err != nil {
+		t.Errorf("the final save did not go to the running state file: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "other")); err == nil {
+		t.Error("the reload moved the state file")
+	}
+	if !strings.Contains(td.errOut.String(), "reload: state_file changed from") {
+		t.Errorf("no warning about state_file:\n%s", td.errOut.String())
+	}
+}
+
+// TestSIGUSR1Saves checks that SIGUSR1 on the signal channel saves at once.
+func TestSIGUSR1Saves(t *testing.T) {
+	saved := make(chan error, 2)
+	td := startTestDaemon(t, settingsOf(t, defaultConfig()), newFakeClock().now, func(d *daemon) {
+		d.onSave = func(_ saveStats, err error) { saved <- err }
+	})
+	exchange(t, dial(t, td.addr), req("192.0.2.1", alice, bob), 5*time.Second)
+	td.signals <- syscall.SIGUSR1
+	select {
+	case err := <-saved:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no save after SIGUSR1")
+	}
+	if _, err := os.Stat(td.set.StateFile); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// scrape returns the metrics text of the endpoint at addr.
+func scrape(t *testing.T, addr net.Addr) string {
+	t.Helper()
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Get("http://" + addr.String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("scrape: %d %v", resp.StatusCode, err)
+	}
+	return string(body)
+}
+
+// metricValue returns the value of the sample whose name and labels are
+// series, as written in the exposition format, or -1 if there is none.
+func metricValue(text, series string) float64 {
+	for _, line := range strings.Split(text, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
+// TestMetricsAndAllowList scrapes the metrics endpoint before and after
+// queries from allowed and refused sources, and a save.
+func TestMetricsAndAllowList(t *testing.T) {
+	cfg := defaultConfig()
+	cfg.MetricsListen = "127.0.0.1:0"
+	cfg.Allow = []string{"127.0.0.1/32"}
+	saved := make(chan error, 2)
+	td := startTestDaemon(t, settingsOf(t, cfg), newFakeClock().now, func(d *daemon) {
+		d.saveNow = make(chan struct{})
+		d.onSave = func(_ saveStats, err error) { saved <- err }
+	})
+	m := td.addrs["metrics"]
+	before := scrape(t, m)
+	for _, series := range []string{
+		`greydaemon_requests_total{frontend="qmail"}`,
+		`greydaemon_decisions_total{action="greylist",frontend="qmail",reason="new",reply="0001"}`,
+		`greydaemon_refused_requests_total{frontend="qmail"}`,
+		`greydaemon_entries{table="grey"}`,
+		`greydaemon_snapshots_total`,
+	} {
+		if v := metricValue(before, series); v != 0 {
+			t.Errorf("before any query: %s = %v, want 0", series, v)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^greydaemon_build_info\{goversion="go[^"]+",revision="[^"]+",version="[^"]+"\} 1$`).MatchString(before) {
+		t.Errorf("no build info:\n%s", before)
+	}
+
+	conn := dial(t, td.addr)
+	exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second)
+	exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second)
+	exchange(t, conn, req("192.0.2.2", alice, bob, carol), 5*time.Second)
+	if got := exchange(t, conn, []byte("junk"), 200*time.Millisecond); got != nil {
+		t.Fatal("junk got a reply")
+	}
+	// 127.0.0.2 is loopback but outside the allow list.
+	other, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)}, td.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if got := exchange(t, other, req("192.0.2.3", alice, bob), 300*time.Millisecond); got != nil {
+		t.Fatalf("a refused source got reply %x", got)
+	}
+	td.saveNow <- struct{}{}
+	if err := <-saved; err != nil {
+		t.Fatal(err)
+	}
+
+	after := scrape(t, m)
+	for series, want := range map[string]float64{
+		`greydaemon_requests_total{frontend="qmail"}`:                                                   5,
+		`greydaemon_replies_total{frontend="qmail"}`:                                                    3,
+		`greydaemon_decisions_total{action="greylist",frontend="qmail",reason="new",reply="0001"}`:      2,
+		`greydaemon_decisions_total{action="greylist",frontend="qmail",reason="too_soon",reply="0002"}`: 1,
+		`greydaemon_decisions_total{action="accept",frontend="qmail",reason="known_ip",reply="0102"}`:   0,
+		`greydaemon_malformed_requests_total{frontend="qmail"}`:                                         1,
+		`greydaemon_refused_requests_total{frontend="qmail"}`:                                           1,
+		`greydaemon_entries{table="grey"}`:                                                              3,
+		`greydaemon_entries{table="known_ip"}`:                                                          0,
+		`greydaemon_snapshots_total`:                                                                    1,
+		`greydaemon_snapshot_failures_total`:                                                            0,
+		`greydaemon_reloads_total{result="success"}`:                                                    0,
+	} {
+		if got := metricValue(after, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+	if v := metricValue(after, "greydaemon_snapshot_size_bytes"); v <= 0 {
+		t.Errorf("snapshot size %v", v)
+	}
+	if v := metricValue(after, "greydaemon_snapshot_last_success_timestamp_seconds"); v < 1e9 {
+		t.Errorf("last save time %v", v)
+	}
+}
+
+// TestOpenListenWarning checks when the daemon warns that its port
+// answers anyone.
+func TestOpenListenWarning(t *testing.T) {
+	some := &IPRanges{}
+	for _, tt := range []struct {
+		addr  string
+		allow *IPRanges
+		warn  bool
+	}{
+		{"0.0.0.0:1999", nil, true},
+		{"192.0.2.1:1999", nil, true},
+		{"[::]:1999", nil, true},
+		{"0.0.0.0:1999", some, false},
+		{"127.0.0.1:1999", nil, false},
+		{"[::1]:1999", nil, false},
+	} {
+		addr, _ := net.ResolveUDPAddr("udp", tt.addr)
+		msg := openWarning(addr, tt.allow)
+		if (msg != "") != tt.warn || tt.warn && !strings.Contains(msg, "anyone who can reach the port can query and fill the table") {
+			t.Errorf("%s, allow %v: %q", tt.addr, tt.allow != nil, msg)
+		}
+	}
+}
+
+// TestSecondInstanceRefused starts a second daemon on the same address and
+// on the same state file: each is refused with an error naming the address
+// or the file.
+func TestSecondInstanceRefused(t *testing.T) {
+	dir := t.TempDir()
+	cfg := defaultConfig()
+	cfg.StateFile = filepath.Join(dir, "state")
+	first := startTestDaemon(t, settingsOf(t, cfg), newFakeClock().now, nil)
+
+	// The same state file, another address.
+	d := newDaemon(settingsOf(t, cfg), io.Discard, io.Discard)
+	err := d.run(t.Context())
+	want := fmt.Sprintf("state file %q is in use by another greydaemon (pid %d", cfg.StateFile, os.Getpid())
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("second daemon on the same state file: %v, want %q", err, want)
+	}
+
+	// The same address, another state file.
+	cfg2 := defaultConfig()
+	cfg2.Listen = first.addr.String()
+	cfg2.StateFile = filepath.Join(dir, "state2")
+	d = newDaemon(func() (*Settings, error) { return resolve(cfg2, Source{}) }, io.Discard, io.Discard)
+	err = d.run(t.Context())
+	want = fmt.Sprintf("cannot listen on %s: the address is in use by another process (pid %d", first.addr, os.Getpid())
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("second daemon on the same address: %v, want %q", err, want)
+	}
+	if _, err := os.Stat(cfg2.StateFile + ".lock"); err != nil {
+		t.Errorf("lock file: %v", err)
+	}
+
+	// The first still answers, and once it stops, the file is free.
+	if got := exchange(t, dial(t, first.addr), req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("first daemon: reply %x", got)
+	}
+	if err := first.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	startTestDaemon(t, settingsOf(t, cfg), newFakeClock().now, nil)
+}
