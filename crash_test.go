@@ -39,15 +39,21 @@ func runChildDaemonIfAsked() {
 
 // A childDaemon is the daemon running in a child process.
 type childDaemon struct {
-	cmd    *exec.Cmd
-	addr   *net.UDPAddr
-	stderr *bufio.Scanner
+	cmd  *exec.Cmd
+	addr *net.UDPAddr
+	log  *syncBuffer // everything it wrote to stderr so far
 }
 
 // startChild starts a child daemon with args and waits until it listens.
 func startChild(t *testing.T, args ...string) *childDaemon {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	return startChildCmd(t, exec.Command(os.Args[0], "-test.run=^$"), args...)
+}
+
+// startChildCmd starts cmd, which must run the test binary, as a child
+// daemon with args, and waits until it listens.
+func startChildCmd(t *testing.T, cmd *exec.Cmd, args ...string) *childDaemon {
+	t.Helper()
 	cmd.Env = append(os.Environ(), childDaemonEnv+"="+strings.Join(args, "\n"))
 	cmd.Stdout = io.Discard
 	pipe, err := cmd.StderrPipe()
@@ -58,20 +64,22 @@ func startChild(t *testing.T, args ...string) *childDaemon {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	c := &childDaemon{cmd: cmd, stderr: bufio.NewScanner(pipe)}
+	c := &childDaemon{cmd: cmd, log: &syncBuffer{}}
 	found := make(chan string, 1)
 	go func() {
-		var seen []string
-		for c.stderr.Scan() {
-			line := c.stderr.Text()
-			seen = append(seen, line)
-			if a, ok := strings.CutPrefix(line, "greydaemon: listening on "); ok && strings.HasSuffix(a, " for qmail") {
+		sc := bufio.NewScanner(pipe)
+		listening := false
+		for sc.Scan() {
+			line := sc.Text()
+			c.log.Write([]byte(line + "\n"))
+			if a, ok := strings.CutPrefix(line, "greydaemon: listening on "); ok && strings.HasSuffix(a, " for qmail") && !listening {
+				listening = true
 				found <- strings.TrimSuffix(a, " for qmail")
-				break
 			}
 		}
-		found <- "failed: " + strings.Join(seen, "\n")
-		io.Copy(io.Discard, pipe)
+		if !listening {
+			found <- "failed: " + c.log.String()
+		}
 	}()
 	select {
 	case a := <-found:
@@ -84,6 +92,18 @@ func startChild(t *testing.T, args ...string) *childDaemon {
 		t.Fatal("child did not start within 30 s")
 	}
 	return c
+}
+
+// waitLog waits up to 10 s for the child's stderr to contain s.
+func (c *childDaemon) waitLog(t *testing.T, s string) {
+	t.Helper()
+	for range 1000 {
+		if strings.Contains(c.log.String(), s) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("the child did not log %q:\n%s", s, c.log.String())
 }
 
 // TestSnapshotSurvivesSIGKILL runs the daemon as a child process with a

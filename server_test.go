@@ -205,8 +205,14 @@ func TestConcurrentClients(t *testing.T) {
 func TestHandleAllocatesNothing(t *testing.T) {
 	g, clock := newTestGreylister(t, "10.0.0.0/8")
 	srv := &server{g: g, dlog: newDecisionLog(io.Discard), log: newLogger(io.Discard, false)}
-	w := newWorker()
+	allow, err := parseAllow([]string{"127.0.0.0/8", "::1/128"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.allow.Store(allow)
+	w := srv.newWorker()
 	peer := netip.MustParseAddrPort("127.0.0.1:4000")
+	outsider := netip.MustParseAddrPort("192.0.2.200:4000")
 	known := req("192.0.2.1", alice, bob)
 	srv.handle(w, known, peer)
 	clock.advance(6 * time.Minute)
@@ -219,6 +225,17 @@ func TestHandleAllocatesNothing(t *testing.T) {
 		if n := testing.AllocsPerRun(200, func() { srv.handle(w, d, peer) }); n != 0 {
 			t.Errorf("%s: %v allocations per datagram, want 0", name, n)
 		}
+	}
+	if n := testing.AllocsPerRun(200, func() { srv.handle(w, known, outsider) }); n != 0 {
+		t.Errorf("refused: %v allocations per datagram, want 0", n)
+	}
+	if srv.handle(w, known, outsider) != nil {
+		t.Error("a source outside the allow list got a reply")
+	}
+	var st FrontEndStats
+	srv.UpdateStats(&st)
+	if st.Refused != 202 || st.Verdicts[AcceptKnownIP.index()] < 200 {
+		t.Errorf("refused %d, known-IP verdicts %d", st.Refused, st.Verdicts[AcceptKnownIP.index()])
 	}
 }
 
@@ -258,6 +275,8 @@ func TestBadRequestLogIsRateLimited(t *testing.T) {
 func TestServePathAllocatesNothing(t *testing.T) {
 	clock := newFakeClock()
 	cfg := defaultConfig()
+	cfg.Allow = []string{"127.0.0.0/8"} // checked for every request
+	cfg.MetricsListen = "127.0.0.1:0"   // counters kept for it
 	addr, _ := startDaemon(t, cfg, clock.now)
 	conn := dial(t, addr)
 	known := req("192.0.2.1", alice, bob)

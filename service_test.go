@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -368,4 +369,76 @@ func TestSecondInstanceRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	startTestDaemon(t, settingsOf(t, cfg), newFakeClock().now, nil)
+}
+
+// TestRealSignals runs the daemon in a child process with main's signal
+// handling: SIGHUP reloads the whitelist and the daemon keeps serving (the
+// Perl daemon died of it, losing everything since its last save), SIGUSR1
+// saves, SIGTERM saves and exits 0.
+func TestRealSignals(t *testing.T) {
+	dir := t.TempDir()
+	wl := filepath.Join(dir, "whitelist")
+	os.WriteFile(wl, []byte("198.51.100.0/24\n"), 0o644)
+	state := filepath.Join(dir, "state")
+	c := startChild(t, "-w", wl, "127.0.0.1:0", state)
+	conn := dial(t, c.addr)
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("reply %x, want 0001", got)
+	}
+	os.WriteFile(wl, []byte("192.0.2.0/24\n"), 0o644)
+	c.cmd.Process.Signal(syscall.SIGHUP)
+	c.waitLog(t, "reloaded settings: 1 whitelist ranges")
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{1, 1}) {
+		t.Fatalf("after SIGHUP: reply %x, want 0101 from the new whitelist", got)
+	}
+	c.cmd.Process.Signal(syscall.SIGUSR1)
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(state); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if _, err := os.Stat(state); err != nil {
+		t.Fatalf("no state file after SIGUSR1: %v", err)
+	}
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if err := c.cmd.Wait(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, c.log.String())
+	}
+	var buf bytes.Buffer
+	if err := dumpFile(state, &buf); err != nil || strings.Count(buf.String(), "G ") != 1 {
+		t.Fatalf("state after SIGTERM: %v\n%s", err, buf.String())
+	}
+}
+
+// TestSocketActivation passes a bound UDP socket to a child daemon as
+// systemd does (fd 3, LISTEN_FDS=1, LISTEN_PID its own pid): the daemon
+// answers on it instead of binding its configured address.
+func TestSocketActivation(t *testing.T) {
+	sock, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := sock.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := sock.LocalAddr().(*net.UDPAddr)
+	sock.Close()
+	// sh sets LISTEN_PID to its own pid, which exec keeps.
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -test.run='^$'`, os.Args[0])
+	cmd.ExtraFiles = []*os.File{f}
+	c := startChildCmd(t, cmd, "127.0.0.1:1", filepath.Join(t.TempDir(), "state"))
+	f.Close()
+	if c.addr.Port != addr.Port {
+		t.Fatalf("child listens on %s, want the passed socket %s", c.addr, addr)
+	}
+	c.waitLog(t, "using 1 socket(s) passed by the service manager")
+	if got := exchange(t, dial(t, addr), req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("reply %x, want 0001", got)
+	}
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if err := c.cmd.Wait(); err != nil {
+		t.Fatalf("exit: %v\n%s", err, c.log.String())
+	}
 }
