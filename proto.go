@@ -5,7 +5,7 @@ import (
 	"errors"
 )
 
-// This file is the qmail greylisting wire protocol (protocol.md §2-§4): one
+// This file is the qmail greylisting wire protocol (PROTOCOL.md §2-§4): one
 // request datagram
 //
 //	'I' <client-ip> NUL 'F' <sender> NUL { 'T' <recipient> NUL }
@@ -32,7 +32,7 @@ type request struct {
 
 // parseRequest splits off the first field of a datagram and checks that it
 // is a client field. It does not look further: the client alone may decide
-// the request (protocol.md §4 steps 2-3), even when later fields are bad.
+// the request (PROTOCOL.md §4 steps 2-3), even when later fields are bad.
 // Trailing NULs are ignored, so datagrams with one, two or no final NUL are
 // alike.
 func parseRequest(b []byte) (request, error) {
