@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -44,7 +45,8 @@ type daemon struct {
 	signals <-chan os.Signal
 	// notify tells the service manager about the daemon's state
 	// (sd_notify); nil tells nobody.
-	notify func(state string)
+	notify       func(state string) error
+	notifyFailed bool
 
 	// Test hooks. onReady, if set, is called with each front end's
 	// address by name once the daemon answers requests; onSave after
@@ -124,7 +126,7 @@ func (d *daemon) open(set *Settings) error {
 		}
 	}
 	if set.MetricsListen != "" {
-		ms, err := listenMetrics(set.MetricsListen, d)
+		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
 		if err != nil {
 			return err
 		}
@@ -404,9 +406,38 @@ func fromFile(set *Settings) string {
 	return " from " + set.Source.File
 }
 
-// sdNotify tells the service manager the daemon's state, if it listens.
+// sdNotify tells the service manager the daemon's state, if it listens,
+// and logs the first failure.
 func (d *daemon) sdNotify(state string) {
-	if d.notify != nil {
-		d.notify(state)
+	if d.notify == nil {
+		return
 	}
+	if err := d.notify(state); err != nil && !d.notifyFailed {
+		d.notifyFailed = true
+		d.log.Warnf("cannot notify the service manager (%s): %v", strings.SplitN(state, "\n", 2)[0], err)
+	}
+}
+
+// UpdateStats fills st with the daemon's counters. It is safe to call at
+// any time from any goroutine once the daemon is open.
+func (d *daemon) UpdateStats(st *Stats) {
+	st.FrontEnds = st.FrontEnds[:0]
+	for _, fe := range d.frontEnds {
+		if r, ok := fe.(statsReporter); ok {
+			fs := FrontEndStats{Name: fe.Name()}
+			r.UpdateStats(&fs)
+			st.FrontEnds = append(st.FrontEnds, fs)
+		}
+	}
+	st.KnownIPs, st.GreyTriplets = d.table.counts()
+	st.MaxEntries = d.table.capacity()
+	st.Evictions = d.table.evicted.Load()
+	st.Expirations = d.table.expired.Load()
+	st.Saves, st.SaveFailures = d.saves.Load(), d.saveFailures.Load()
+	if s := d.lastSave.Load(); s != nil {
+		st.LastSave, st.LastSaveDuration, st.LastSaveBytes = s.at, s.elapsed, s.bytes
+	}
+	st.LoadDuration = d.loadDuration
+	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
+	st.BadLinesNotLogged = d.dlog.dropped()
 }

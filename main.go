@@ -24,10 +24,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
-
-	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 )
 
 func main() {
@@ -85,22 +82,6 @@ func run(args []string, stdout, stderr io.Writer, signals <-chan os.Signal) erro
 	}
 	d := newDaemon(func() (*Settings, error) { return parseCommandLine(args) }, stdout, stderr)
 	d.signals = signals
-	d.notify = systemdNotifier(d)
+	d.notify = systemdNotify
 	return d.run(context.Background())
 }
-
-// systemdNotifier returns a function that sends a state to the service
-// manager through $NOTIFY_SOCKET (sd_notify), logging a failure once.
-func systemdNotifier(d *daemon) func(string) {
-	failed := false
-	return func(state string) {
-		if _, err := sddaemon.SdNotify(false, state); err != nil && !failed {
-			failed = true
-			d.log.Warnf("cannot notify the service manager (%s): %v", strings.SplitN(state, "\n", 2)[0], err)
-		}
-	}
-}
-
-// monotonicUsec returns the MONOTONIC_USEC= line that systemd wants with
-// RELOADING=1.
-func monotonicUsec() string { return sddaemon.SdNotifyMonotonicUsec() }

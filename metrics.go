@@ -18,22 +18,23 @@ import (
 // until shutdown.
 //
 // The request path never calls client_golang: the front ends keep plain
-// atomic counters, and a scrape gathers them with one daemon.UpdateStats
-// call and turns them into constant metrics.
+// atomic counters, and a scrape gathers them with one UpdateStats call and
+// turns them into constant metrics.
 type metricsServer struct {
 	ln  net.Listener
 	srv *http.Server
 }
 
-// listenMetrics binds the metrics endpoint to hostport.
-func listenMetrics(hostport string, d *daemon) (*metricsServer, error) {
+// listenMetrics binds the metrics endpoint to hostport; a scrape calls
+// updateStats for the numbers.
+func listenMetrics(hostport string, updateStats func(*Stats)) (*metricsServer, error) {
 	ln, err := net.Listen("tcp", hostport)
 	if err != nil {
 		return nil, fmt.Errorf("cannot listen on %s for metrics: %w", hostport, err)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
-		&statsCollector{d: d},
+		&statsCollector{updateStats: updateStats},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -117,7 +118,7 @@ var (
 
 // A statsCollector turns the daemon's Stats into metrics at scrape time.
 type statsCollector struct {
-	d *daemon
+	updateStats func(*Stats)
 }
 
 // Describe sends every description the collector uses.
@@ -135,7 +136,7 @@ func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 // Collect gathers the daemon's Stats once and sends them as metrics.
 func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	var st Stats
-	c.d.UpdateStats(&st)
+	c.updateStats(&st)
 	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}

@@ -76,7 +76,7 @@ func TestServiceNotifyAndReload(t *testing.T) {
 	clock := newFakeClock()
 	reloaded := make(chan error, 1)
 	td := startTestDaemon(t, fromArgs("-c", conf), clock.now, func(d *daemon) {
-		d.notify = systemdNotifier(d)
+		d.notify = systemdNotify
 		d.onReload = func(err error) { reloaded <- err }
 	})
 	if got := next(); !strings.HasPrefix(got, "READY=1\nSTATUS=answering on 127.0.0.1:") {

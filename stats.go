@@ -39,27 +39,3 @@ type FrontEndStats struct {
 type statsReporter interface {
 	UpdateStats(st *FrontEndStats)
 }
-
-// UpdateStats fills st with the daemon's counters. It is safe to call at
-// any time from any goroutine once the daemon is open.
-func (d *daemon) UpdateStats(st *Stats) {
-	st.FrontEnds = st.FrontEnds[:0]
-	for _, fe := range d.frontEnds {
-		if r, ok := fe.(statsReporter); ok {
-			fs := FrontEndStats{Name: fe.Name()}
-			r.UpdateStats(&fs)
-			st.FrontEnds = append(st.FrontEnds, fs)
-		}
-	}
-	st.KnownIPs, st.GreyTriplets = d.table.counts()
-	st.MaxEntries = d.table.capacity()
-	st.Evictions = d.table.evicted.Load()
-	st.Expirations = d.table.expired.Load()
-	st.Saves, st.SaveFailures = d.saves.Load(), d.saveFailures.Load()
-	if s := d.lastSave.Load(); s != nil {
-		st.LastSave, st.LastSaveDuration, st.LastSaveBytes = s.at, s.elapsed, s.bytes
-	}
-	st.LoadDuration = d.loadDuration
-	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
-	st.BadLinesNotLogged = d.dlog.dropped()
-}

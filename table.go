@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 )
@@ -330,6 +331,20 @@ func (t *table) counts() (known, grey int) {
 		s.mu.RUnlock()
 	}
 	return known, grey
+}
+
+// recordSize is the size of an entry record: 16-byte key, 4-byte time.
+const recordSize = 20
+
+// appendRecord appends the record of one entry to dst.
+func appendRecord(dst []byte, k [16]byte, t uint32) []byte {
+	dst = append(dst, k[:]...)
+	return binary.BigEndian.AppendUint32(dst, t)
+}
+
+// parseRecord returns the key and time of the record at the start of b.
+func parseRecord(b []byte) ([16]byte, uint32) {
+	return [16]byte(b[:16]), binary.BigEndian.Uint32(b[16:recordSize])
 }
 
 // appendShardRecords appends the known IPs and the grey triplets of shard i
