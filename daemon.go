@@ -433,6 +433,7 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.MaxEntries = d.table.capacity()
 	st.Evictions = d.table.evicted.Load()
 	st.Expirations = d.table.expired.Load()
+	st.FutureTimesClamped = d.table.clamped.Load()
 	st.Saves, st.SaveFailures = d.saves.Load(), d.saveFailures.Load()
 	if s := d.lastSave.Load(); s != nil {
 		st.LastSave, st.LastSaveDuration, st.LastSaveBytes = s.at, s.elapsed, s.bytes

@@ -96,6 +96,8 @@ var (
 		"Entries dropped to keep under the cap.", nil, nil)
 	descExpirations = prometheus.NewDesc("greydaemon_expirations_total",
 		"Entries dropped by the sweeper because they expired.", nil, nil)
+	descClamped = prometheus.NewDesc("greydaemon_future_times_clamped_total",
+		"Entry times found more than a minute in the future (a clock that stepped back, a save file from a host ahead) and set to now.", nil, nil)
 	descSaves = prometheus.NewDesc("greydaemon_snapshots_total",
 		"Snapshots written.", nil, nil)
 	descSaveFailures = prometheus.NewDesc("greydaemon_snapshot_failures_total",
@@ -125,7 +127,7 @@ type statsCollector struct {
 func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
-		descEntries, descMaxEntries, descEvictions, descExpirations,
+		descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
 		descReloads, descLogDropped, descBuild,
 	} {
@@ -163,6 +165,7 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descMaxEntries, float64(st.MaxEntries))
 	counter(descEvictions, st.Evictions)
 	counter(descExpirations, st.Expirations)
+	counter(descClamped, st.FutureTimesClamped)
 	counter(descSaves, st.Saves)
 	counter(descSaveFailures, st.SaveFailures)
 	gauge(descSaveDuration, st.LastSaveDuration.Seconds())

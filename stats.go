@@ -12,6 +12,7 @@ type Stats struct {
 	MaxEntries             int    // the cap on entries
 	Evictions              uint64 // entries dropped to respect the cap
 	Expirations            uint64 // entries dropped by sweeps because they expired
+	FutureTimesClamped     uint64 // entry times found in the future and set to now
 
 	Saves, SaveFailures uint64
 	LastSave            time.Time     // when the last good save ended; zero if none yet

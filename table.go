@@ -31,6 +31,7 @@ type table struct {
 
 	evicted atomic.Uint64 // entries dropped to respect the cap
 	expired atomic.Uint64 // entries dropped by sweeps because they expired
+	clamped atomic.Uint64 // times found in the future and set to now
 }
 
 // A shard is one lock-striped part of a table. The padding keeps two
@@ -60,33 +61,45 @@ type expiry struct {
 const defaultShards = 256
 
 // shardsFor returns the number of shards for a table capped at maxEntries:
-// at least defaultShards, and more for large caps so that a full shard holds
-// about 8192 entries and a sweep or an eviction scan holds its lock for
-// well under a millisecond.
+// defaultShards for the default size; more for large caps, so that a full
+// shard holds about 8192 entries and a sweep or an eviction scan holds its
+// lock for well under a millisecond; fewer for small caps, so that every
+// shard holds at least minShardCap entries and eviction, which works per
+// shard, keeps the table close to the cap.
 func shardsFor(maxEntries int) int {
 	n := defaultShards
 	for n < 1<<16 && maxEntries/n > 8192 {
 		n <<= 1
 	}
+	for n > 1 && maxEntries/n < minShardCap {
+		n >>= 1
+	}
 	return n
 }
 
-// minShardCap is the smallest per-shard cap, so that tiny max_entries values
-// still leave every shard room to work.
-const minShardCap = 16
+// minShardCap is the smallest per-shard cap that shardsFor chooses.
+const minShardCap = 64
+
+// evictFraction is the part of a full shard that one eviction frees, so
+// that the cost of the scan is shared by that many inserts. A full table
+// holds between 1-1/evictFraction and all of its capacity.
+const evictFraction = 16
+
+// clockTolerance is how far in the future a time may be before the table
+// treats it as now: a save file from a host whose clock ran ahead, or a
+// clock that stepped back, must not leave entries that never age.
+const clockTolerance = 60
 
 // newTable returns an empty table with nShards shards (rounded up to a power
-// of two) holding at most maxEntries entries in all (rounded up so that
-// every shard holds the same number).
+// of two) holding at most maxEntries entries in all (rounded down so that
+// every shard holds the same number; with shardsFor's shard counts, by less
+// than 2%).
 func newTable(nShards, maxEntries int) *table {
 	n := 1
 	for n < nShards {
 		n <<= 1
 	}
-	per := (maxEntries + n - 1) / n
-	if per < minShardCap {
-		per = minShardCap
-	}
+	per := max(maxEntries/n, 1)
 	t := &table{shards: make([]shard, n), mask: uint64(n - 1), shardCap: per}
 	for i := range t.shards {
 		t.shards[i].known = make(map[clientKey]uint32)
@@ -198,20 +211,26 @@ func age(now, then uint32) uint32 {
 	return now - then
 }
 
+// clampFuture returns t, or now when t is more than clockTolerance seconds
+// after now, and reports whether it changed t.
+func clampFuture(t, now uint32) (uint32, bool) {
+	if t > now && t-now > clockTolerance {
+		return now, true
+	}
+	return t, false
+}
+
 // makeRoomLocked makes room for one more entry in a shard that holds capacity
 // entries at most. When the shard is full it drops expired entries, and if
 // that frees too little, the oldest grey triplets, then the least recently
-// seen known IPs, until an eighth of the shard is free, so that the cost of
-// the scan is shared by many inserts. It returns how many entries were
-// evicted (expired ones included). The caller holds s.mu for writing.
+// seen known IPs, until 1/evictFraction of the shard is free, so that the
+// cost of the scan is shared by many inserts. It returns how many entries
+// were evicted (expired ones included). The caller holds s.mu for writing.
 func (s *shard) makeRoomLocked(capacity int, now uint32, exp expiry) int {
 	if len(s.known)+len(s.grey) < capacity {
 		return 0
 	}
-	target := capacity - capacity/8
-	if target >= capacity {
-		target = capacity - 1
-	}
+	target := capacity - max(capacity/evictFraction, 1)
 	dropped := deleteOlderThan(s.known, now, exp.knownLifetime)
 	dropped += deleteOlderThan(s.grey, now, exp.greyLifetime)
 	if excess := len(s.known) + len(s.grey) - target; excess > 0 {
@@ -238,11 +257,13 @@ func deleteOlderThan[K comparable](m map[K]uint32, now, limit uint32) int {
 	return n
 }
 
-// deleteOldest deletes at least want of the entries of m with the smallest
-// times (or all of them, if m has fewer), and returns how many it deleted.
-// It finds the cut-off time with a 64-bucket histogram, so it makes three
-// passes over m and allocates nothing; entries in the bucket at the cut-off
-// go too, so it may delete somewhat more than want.
+// deleteOldest deletes the want entries of m with the smallest times (or all
+// of them, if m has fewer), and returns how many it deleted. It finds the
+// cut-off time with 64-bucket histograms, each pass narrowing the range
+// 64-fold until it is one second wide (two or three passes for times that
+// span days), and allocates nothing. Entries older than the cut-off second
+// all go; of those in it, which may be many (a flood), only as many as are
+// still wanted.
 func deleteOldest[K comparable](m map[K]uint32, want int) int {
 	if want <= 0 || len(m) == 0 {
 		return 0
@@ -256,21 +277,32 @@ func deleteOldest[K comparable](m map[K]uint32, want int) int {
 	for _, t := range m {
 		lo, hi = min(lo, t), max(hi, t)
 	}
-	const buckets = 64
-	width := (uint64(hi-lo) + buckets) / buckets // at least 1
-	var counts [buckets]int
-	for _, t := range m {
-		counts[uint64(t-lo)/width]++
+	// Invariant: the cut-off lies in [lo, hi], and below entries are older
+	// than lo.
+	below := 0
+	for lo < hi {
+		const buckets = 64
+		width := (uint64(hi-lo) + buckets) / buckets // at least 1
+		var counts [buckets]int
+		for _, t := range m {
+			if lo <= t && t <= hi {
+				counts[uint64(t-lo)/width]++
+			}
+		}
+		b := 0
+		for below+counts[b] < want {
+			below += counts[b]
+			b++
+		}
+		lo, hi = lo+uint32(uint64(b)*width), lo+uint32(min(uint64(b+1)*width-1, uint64(hi-lo)))
 	}
-	cut, sum := 0, 0
-	for cut < buckets && sum < want {
-		sum += counts[cut]
-		cut++
-	}
-	limit := uint64(cut) * width // delete t-lo < limit
+	cut, partial := lo, want-below // every entry older than cut goes, and partial of those at cut
 	n := 0
 	for k, t := range m {
-		if uint64(t-lo) < limit {
+		if t < cut || t == cut && partial > 0 {
+			if t == cut {
+				partial--
+			}
 			delete(m, k)
 			n++
 		}
@@ -284,6 +316,7 @@ func deleteOldest[K comparable](m map[K]uint32, want int) int {
 func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 	s := &t.shards[i]
 	s.mu.Lock()
+	clamped := clampFutureTimes(s.known, now) + clampFutureTimes(s.grey, now)
 	n := deleteOlderThan(s.known, now, exp.knownLifetime)
 	n += deleteOlderThan(s.grey, now, exp.greyLifetime)
 	rebuildKnown := shouldRebuild(len(s.known), s.peakKnown)
@@ -292,6 +325,9 @@ func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 	s.mu.Unlock()
 	if n > 0 {
 		t.expired.Add(uint64(n))
+	}
+	if clamped > 0 {
+		t.clamped.Add(uint64(clamped))
 	}
 	if rebuildKnown {
 		// Allocate outside the lock; copy under it.
@@ -311,6 +347,19 @@ func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 		}
 		s.grey, s.peakGrey = fresh, len(fresh)
 		s.mu.Unlock()
+	}
+	return n
+}
+
+// clampFutureTimes sets every time in m that lies more than clockTolerance
+// after now to now, and returns how many it set.
+func clampFutureTimes[K comparable](m map[K]uint32, now uint32) int {
+	n := 0
+	for k, t := range m {
+		if c, changed := clampFuture(t, now); changed {
+			m[k] = c
+			n++
+		}
 	}
 	return n
 }
@@ -364,9 +413,19 @@ func (t *table) appendShardRecords(i int, known, grey []byte) ([]byte, []byte) {
 	return known, grey
 }
 
+// clamp returns clampFuture(v, now) and counts a change.
+func (t *table) clamp(v, now uint32) uint32 {
+	c, changed := clampFuture(v, now)
+	if changed {
+		t.clamped.Add(1)
+	}
+	return c
+}
+
 // restoreKnown inserts a known IP loaded from a snapshot, keeping the later
 // time if the IP is already held. It respects the cap like any insert.
 func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry) {
+	lastSeen = t.clamp(lastSeen, now)
 	s := t.shardFor(client.shardHash())
 	s.mu.Lock()
 	if old, ok := s.known[client]; ok {
@@ -382,6 +441,7 @@ func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry)
 // restoreGrey inserts a grey triplet loaded from a snapshot, keeping the
 // earlier time if the triplet is already held.
 func (t *table) restoreGrey(k tripletKey, firstSeen, now uint32, exp expiry) {
+	firstSeen = t.clamp(firstSeen, now)
 	s := t.shardFor(k.shardHash())
 	s.mu.Lock()
 	if old, ok := s.grey[k]; ok {

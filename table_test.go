@@ -109,14 +109,21 @@ func TestSweepRebuildsMaps(t *testing.T) {
 	}
 }
 
-// TestDeleteOldest checks the histogram eviction against sorting.
+// TestDeleteOldest checks the histogram eviction against sorting: exactly
+// the number wanted goes, and none newer than one kept. The trials go from
+// a flood (every entry in one second) to times spread over all 32 bits.
 func TestDeleteOldest(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
-	for trial := range 200 {
+	for trial := range 300 {
 		m := map[int]uint32{}
 		n := 1 + r.IntN(500)
 		for i := range n {
-			m[i] = 1000 + uint32(r.IntN(1+trial*50))
+			switch {
+			case trial < 200:
+				m[i] = 1000 + uint32(r.IntN(1+trial*50))
+			default:
+				m[i] = r.Uint32()
+			}
 		}
 		want := r.IntN(n + 1)
 		before := make(map[int]uint32, len(m))
@@ -124,8 +131,8 @@ func TestDeleteOldest(t *testing.T) {
 			before[k] = v
 		}
 		got := deleteOldest(m, want)
-		if got < want || got != len(before)-len(m) {
-			t.Fatalf("trial %d: deleted %d (map shrank by %d), want at least %d", trial, got, len(before)-len(m), want)
+		if got != want || got != len(before)-len(m) {
+			t.Fatalf("trial %d: deleted %d (map shrank by %d), want %d", trial, got, len(before)-len(m), want)
 		}
 		// Every survivor is at least as new as every deleted entry.
 		oldestKept := ^uint32(0)
@@ -243,9 +250,80 @@ func TestTableConcurrent(t *testing.T) {
 }
 
 func TestShardsFor(t *testing.T) {
-	for maxEntries, want := range map[int]int{1000: 256, 2_000_000: 256, 2_100_000: 512, 20_000_000: 4096} {
+	for maxEntries, want := range map[int]int{1000: 8, 10_000: 128, 16_384: 256, 2_000_000: 256, 2_100_000: 512, 20_000_000: 4096} {
 		if got := shardsFor(maxEntries); got != want {
 			t.Errorf("shardsFor(%d) = %d, want %d", maxEntries, got, want)
 		}
+	}
+}
+
+// TestCapAfterFlood floods tables of several sizes with unique triplets in
+// one second, as a spam run does, and checks that the table then holds what
+// the README says: at most max_entries, and at least 1-1/evictFraction of
+// its capacity (max_entries rounded down to whole shards, by under 2%),
+// that every eviction is counted, and that known IPs survive.
+func TestCapAfterFlood(t *testing.T) {
+	for _, maxEntries := range []int{1000, 10_000, 100_000} {
+		tb := newTable(shardsFor(maxEntries), maxEntries)
+		if c := tb.capacity(); c > maxEntries || float64(c) < 0.98*float64(maxEntries) {
+			t.Errorf("max_entries %d: capacity %d", maxEntries, c)
+		}
+		const now = 1_000_000
+		for i := range uint32(50) {
+			tb.markKnown(ckey(i), now, testExpiry)
+		}
+		inserted := 50
+		for i := range uint64(5 * maxEntries) {
+			if tb.observeTriplet(tkey(i), now, 300, 43200, testExpiry) == greyNew {
+				inserted++
+			}
+		}
+		known, grey := tb.counts()
+		held := known + grey
+		lo, hi := float64(tb.capacity())*(1-1.0/evictFraction), float64(tb.capacity())
+		if float64(held) < lo || float64(held) > hi {
+			t.Errorf("max_entries %d: holds %d after the flood, want %.0f to %.0f", maxEntries, held, lo, hi)
+		}
+		if known != 50 {
+			t.Errorf("max_entries %d: %d of 50 known IPs kept", maxEntries, known)
+		}
+		if ev := tb.evicted.Load(); ev != uint64(inserted-held) {
+			t.Errorf("max_entries %d: %d evictions counted, %d entries gone", maxEntries, ev, inserted-held)
+		}
+		t.Logf("max_entries %d: holds %d (%.1f%%)", maxEntries, held, 100*float64(held)/float64(maxEntries))
+	}
+}
+
+// TestFutureTimesClamped checks that an entry stamped far in the future (a
+// save file from a host whose clock ran ahead, a clock that stepped back)
+// is set to now by a load or a sweep, and then ages and expires as usual.
+func TestFutureTimesClamped(t *testing.T) {
+	tb := newTable(16, 10_000)
+	const now = 1_000_000
+	const future = now + 10*365*24*3600
+	tb.restoreKnown(ckey(1), future, now, testExpiry)
+	tb.restoreGrey(tkey(1), future, now, testExpiry)
+	tb.restoreGrey(tkey(2), now+30, now, testExpiry) // within the tolerance: kept as it is
+	if got := tb.clamped.Load(); got != 2 {
+		t.Fatalf("clamped %d at load, want 2", got)
+	}
+	known, grey := tableContents(tb)
+	if known[ckey(1)] != now || grey[tkey(1)] != now || grey[tkey(2)] != now+30 {
+		t.Fatalf("after load: %v %v", known, grey)
+	}
+	// An entry that is already held when the clock steps back.
+	tb.markKnown(ckey(2), future, testExpiry)
+	for i := range tb.shards {
+		tb.sweepShard(i, now, testExpiry)
+	}
+	if got := tb.clamped.Load(); got != 3 {
+		t.Fatalf("clamped %d after the sweep, want 3", got)
+	}
+	later := uint32(now + testExpiry.knownLifetime)
+	for i := range tb.shards {
+		tb.sweepShard(i, later, testExpiry)
+	}
+	if known, grey := tb.counts(); known != 0 || grey != 0 {
+		t.Fatalf("%d known IPs and %d grey triplets left a lifetime later; want them expired", known, grey)
 	}
 }
