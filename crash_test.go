@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -31,10 +30,7 @@ func runChildDaemonIfAsked() {
 	if !ok {
 		return
 	}
-	signals := make(chan os.Signal, 8)
-	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1)
-	err := run(strings.Split(args, "\n"), os.Stdout, os.Stderr, signals)
-	os.Exit(exitCode(err, os.Stdout, os.Stderr))
+	os.Exit(runMain(strings.Split(args, "\n")))
 }
 
 // A childDaemon is the daemon running in a child process.
@@ -55,7 +51,9 @@ func startChild(t *testing.T, args ...string) *childDaemon {
 func startChildCmd(t *testing.T, cmd *exec.Cmd, args ...string) *childDaemon {
 	t.Helper()
 	cmd.Env = append(os.Environ(), childDaemonEnv+"="+strings.Join(args, "\n"))
-	cmd.Stdout = io.Discard
+	if cmd.Stdout == nil {
+		cmd.Stdout = io.Discard
+	}
 	pipe, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

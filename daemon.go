@@ -59,6 +59,8 @@ type daemon struct {
 
 	set       *Settings // the running settings; only the run goroutine uses it
 	log       *logger
+	outSink   *lossySink // stdout: decision lines
+	errSink   *lossySink // stderr: the daemon's messages
 	lock      *os.File // the state file's lock, held while the daemon runs
 	table     *table
 	snap      *snapshotter
@@ -104,7 +106,7 @@ func (d *daemon) run(ctx context.Context) error {
 // reads the whitelist (as the user the daemon runs as) and loads the state.
 func (d *daemon) open(set *Settings) error {
 	d.set = set
-	d.log = newLogger(d.stderr, set.Debug)
+	d.openLogs(set.Debug)
 	lock, err := lockStateFile(set.StateFile)
 	if err != nil {
 		return err
@@ -157,9 +159,26 @@ func (d *daemon) open(set *Settings) error {
 	}
 	d.qmail.g = d.g
 	d.qmail.allow.Store(set.Allow)
-	d.dlog = newDecisionLog(d.stdout)
+	d.dlog = newDecisionLog(d.outSink)
 	d.qmail.dlog = d.dlog
 	return nil
+}
+
+// openLogs sets up the two output streams so that neither can stop the
+// daemon: a failure on one is reported on the other, and its lines are
+// counted as lost.
+func (d *daemon) openLogs(debug bool) {
+	d.outSink = &lossySink{w: d.stdout, name: "stdout"}
+	d.errSink = &lossySink{w: d.stderr, name: "stderr"}
+	d.log = newLogger(d.errSink, debug)
+	d.outSink.report = func(s *lossySink, err error) {
+		d.log.Errorf("cannot write the decision log to stdout: %v; its lines are dropped and counted (%d so far), and greydaemon keeps serving",
+			err, s.lost.Load())
+	}
+	d.errSink.report = func(s *lossySink, err error) {
+		fmt.Fprintf(d.stdout, "greydaemon: error: cannot write to stderr: %v; the daemon's messages are dropped and counted (%d so far), and greydaemon keeps serving\n",
+			err, s.lost.Load())
+	}
 }
 
 // loadState makes the table, the Greylister deciding on it with whitelist
@@ -308,14 +327,16 @@ func (d *daemon) shutdown(frontEnds *sync.WaitGroup, stopBackground func(), back
 	stopBackground()
 	background.Wait()
 	saveErr := d.save("shutdown")
-	if err := d.dlog.flush(); err != nil {
-		d.log.Errorf("cannot write the decision log: %v", err)
-	}
+	d.dlog.flush()
 	var st Stats
 	d.UpdateStats(&st)
 	q := st.FrontEnds[0]
-	d.log.Infof("stopped: %d requests, %d malformed, %d refused, %d replies",
-		q.Requests, q.Malformed, q.Refused, q.Replies)
+	lost := ""
+	if st.StdoutLinesLost+st.StderrLinesLost > 0 {
+		lost = fmt.Sprintf("; log lines lost: %d on stdout, %d on stderr", st.StdoutLinesLost, st.StderrLinesLost)
+	}
+	d.log.Infof("stopped: %d requests, %d malformed, %d refused, %d replies%s",
+		q.Requests, q.Malformed, q.Refused, q.Replies, lost)
 	d.lock.Close()
 	if saveErr != nil {
 		return fmt.Errorf("the final save failed; changes since the last good save are lost: %w", saveErr)
@@ -441,4 +462,5 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.LoadDuration = d.loadDuration
 	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
 	st.BadLinesNotLogged = d.dlog.dropped()
+	st.StdoutLinesLost, st.StderrLinesLost = d.outSink.lost.Load(), d.errSink.lost.Load()
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -141,3 +142,6 @@ func startDaemon(t *testing.T, cfg Config, now func() time.Time) (addr *net.UDPA
 
 // testPolicyFunc returns testPolicy, for a snapshotter.
 func testPolicyFunc() Policy { return testPolicy }
+
+// itoa formats n in decimal.
+func itoa(n int) string { return strconv.Itoa(n) }

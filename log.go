@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 )
 
 // A decisionLog writes the per-request log lines of PROTOCOL.md §7 to
@@ -17,14 +19,14 @@ import (
 //
 //	<peer-ip>:<peer-port> <event> <request with NULs as spaces>
 //
-// Lines are buffered and flushed at least once a second and on Close, so
-// logging costs one short critical section per request, not a write system
-// call. Lines for malformed requests are rate-limited, since anybody can send
-// garbage. A decisionLog is safe for concurrent use.
+// Lines are buffered and flushed at least once a second and at shutdown,
+// so logging costs one short critical section per request, not a write
+// system call. Lines for malformed requests are rate-limited, since anybody
+// can send garbage. A decisionLog is safe for concurrent use. It writes
+// through a lossySink, so a stdout that cannot be written never stops it.
 type decisionLog struct {
-	mu  sync.Mutex
-	w   *bufio.Writer
-	err error // the first write error; later lines are dropped
+	mu sync.Mutex
+	w  *bufio.Writer
 
 	// Malformed-request lines: at most badPerSecond per second.
 	badSecond     int64
@@ -39,8 +41,18 @@ func newDecisionLog(w io.Writer) *decisionLog {
 	return &decisionLog{w: bufio.NewWriterSize(w, 64<<10)}
 }
 
+// maxLoggedRequest is how much of a request a log line shows. Ordinary
+// requests are far shorter; a longer one is cut, and the line says by how
+// much, so that one line stays one line and a flood of large datagrams
+// cannot fill the disk sixty times faster than a flood of small ones.
+const maxLoggedRequest = 1024
+
 // appendLogLine appends a decision line to dst: the peer, the event, the
-// request with each NUL shown as a space, and a newline.
+// request with each NUL shown as a space and every other control byte (and
+// any byte that is not valid UTF-8) escaped as \xNN, cut at
+// maxLoggedRequest bytes, and a newline. A request of printable text, as
+// every real one is, appears as the Perl daemon wrote it; no request can
+// start a line of its own or send a terminal escape.
 func appendLogLine(dst []byte, peer netip.AddrPort, event string, request []byte) []byte {
 	dst = peer.Addr().Unmap().AppendTo(dst)
 	dst = append(dst, ':')
@@ -48,21 +60,47 @@ func appendLogLine(dst []byte, peer netip.AddrPort, event string, request []byte
 	dst = append(dst, ' ')
 	dst = append(dst, event...)
 	dst = append(dst, ' ')
-	for _, c := range request {
-		if c == 0 || c == '\n' {
-			c = ' '
+	shown := request[:min(len(request), maxLoggedRequest)]
+	for len(shown) > 0 {
+		c := shown[0]
+		switch {
+		case c == 0:
+			dst = append(dst, ' ')
+		case c < 0x20 || c == 0x7f:
+			dst = appendHexEscape(dst, c)
+		case c < utf8.RuneSelf:
+			dst = append(dst, c)
+		default:
+			r, size := utf8.DecodeRune(shown)
+			if r == utf8.RuneError || r < 0xa0 { // invalid, or a C1 control such as CSI
+				dst = appendHexEscape(dst, c)
+				size = 1
+			} else {
+				dst = append(dst, shown[:size]...)
+			}
+			shown = shown[size:]
+			continue
 		}
-		dst = append(dst, c)
+		shown = shown[1:]
+	}
+	if cut := len(request) - maxLoggedRequest; cut > 0 {
+		dst = append(dst, " ...["...)
+		dst = strconv.AppendInt(dst, int64(cut), 10)
+		dst = append(dst, " more bytes]"...)
 	}
 	return append(dst, '\n')
+}
+
+// appendHexEscape appends \xNN for c.
+func appendHexEscape(dst []byte, c byte) []byte {
+	const hex = "0123456789abcdef"
+	return append(dst, '\\', 'x', hex[c>>4], hex[c&15])
 }
 
 // write writes one complete line.
 func (l *decisionLog) write(line []byte) {
 	l.mu.Lock()
-	if l.err == nil {
-		_, l.err = l.w.Write(line)
-	}
+	l.w.Write(line)
 	l.mu.Unlock()
 }
 
@@ -75,8 +113,8 @@ func (l *decisionLog) allowBad(now time.Time) bool {
 	defer l.mu.Unlock()
 	if sec != l.badSecond {
 		l.badSecond, l.badThisSecond = sec, 0
-		if l.badSuppressed > 0 && l.err == nil {
-			_, l.err = fmt.Fprintf(l.w, "greydaemon: %d bad requests not logged\n", l.badSuppressed)
+		if l.badSuppressed > 0 {
+			fmt.Fprintf(l.w, "greydaemon: %d bad requests not logged\n", l.badSuppressed)
 			l.badSuppressed = 0
 		}
 	}
@@ -98,13 +136,10 @@ func (l *decisionLog) dropped() uint64 {
 }
 
 // flush writes out buffered lines.
-func (l *decisionLog) flush() error {
+func (l *decisionLog) flush() {
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.err == nil {
-		l.err = l.w.Flush()
-	}
-	return l.err
+	l.w.Flush()
+	l.mu.Unlock()
 }
 
 // flushEvery flushes the log every interval until ctx is done.
@@ -119,6 +154,43 @@ func (l *decisionLog) flushEvery(ctx context.Context, interval time.Duration) {
 			l.flush()
 		}
 	}
+}
+
+// rarely adds n to an error counter and reports whether the error should
+// be logged: the first time, and then once per thousand, so that a
+// persistent fault does not flood the log.
+func rarely(counter *atomic.Uint64, n int) bool {
+	after := counter.Add(uint64(n))
+	before := after - uint64(n)
+	return before == 0 || before/1000 != after/1000
+}
+
+// A lossySink writes to a stream that may stop working (a closed pipe, a
+// full disk, a log reader that went away) without ever failing its caller:
+// what cannot be written is dropped and counted by lines, the first failure
+// and every thousandth after it are reported through report, and the
+// daemon keeps serving. A lossySink is safe for concurrent use when its
+// writer is.
+type lossySink struct {
+	w        io.Writer
+	name     string        // "stdout" or "stderr", for reports and metrics
+	lost     atomic.Uint64 // lines that could not be written
+	failures atomic.Uint64 // failed writes
+	// report, if set, is told of a failure; it must not write to this
+	// sink.
+	report func(s *lossySink, err error)
+}
+
+// Write writes p and always reports success.
+func (s *lossySink) Write(p []byte) (int, error) {
+	n, err := s.w.Write(p)
+	if err != nil {
+		s.lost.Add(uint64(max(bytes.Count(p[n:], []byte{'\n'}), 1)))
+		if rarely(&s.failures, 1) && s.report != nil {
+			s.report(s, err)
+		}
+	}
+	return len(p), nil
 }
 
 // A logger writes the daemon's own messages (not decisions) to stderr as

@@ -27,11 +27,23 @@ import (
 	"syscall"
 )
 
-func main() {
+func main() { os.Exit(runMain(os.Args[1:])) }
+
+// runMain is main without the exit: it readies the process, runs the
+// command line args, and returns the exit code. Tests that run the daemon
+// in a child process call it too.
+func runMain(args []string) int {
+	// A write to a closed pipe must fail, not kill the daemon with its
+	// state unsaved (`greydaemon ... | true`): with SIGPIPE ignored, the
+	// write returns EPIPE and the log counts the line as lost. (A closed
+	// descriptor 0, 1 or 2 needs nothing: the Go runtime opens /dev/null
+	// on it at start, so no socket or file can take its number.)
+	signal.Ignore(syscall.SIGPIPE)
 	signals := make(chan os.Signal, 8)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1)
-	err := run(os.Args[1:], os.Stdout, os.Stderr, signals)
-	os.Exit(exitCode(err, os.Stdout, os.Stderr))
+	defer signal.Stop(signals)
+	err := run(args, os.Stdout, os.Stderr, signals)
+	return exitCode(err, os.Stdout, os.Stderr)
 }
 
 // exitCode reports err the way the command line expects and returns the
@@ -50,7 +62,9 @@ func exitCode(err error, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "greydaemon: error: %v\n%s", err, usageText)
 		return 2
 	}
-	fmt.Fprintf(stderr, "greydaemon: error: %v\n", err)
+	if _, werr := fmt.Fprintf(stderr, "greydaemon: error: %v\n", err); werr != nil {
+		fmt.Fprintf(stdout, "greydaemon: error: %v\n", err) // stderr is gone: say it where it can be seen
+	}
 	return 1
 }
 

@@ -114,6 +114,8 @@ var (
 		"Reloads of the settings (SIGHUP), by result (success or failure).", []string{"result"}, nil)
 	descLogDropped = prometheus.NewDesc("greydaemon_log_lines_dropped_total",
 		"Malformed-request log lines left out by the rate limit.", nil, nil)
+	descLogLost = prometheus.NewDesc("greydaemon_log_lines_lost_total",
+		"Log lines that could not be written (a closed pipe, a full disk), by stream.", []string{"stream"}, nil)
 	descBuild = prometheus.NewDesc("greydaemon_build_info",
 		"Always 1; the labels describe the running binary.", []string{"version", "revision", "goversion"}, nil)
 )
@@ -129,7 +131,7 @@ func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
 		descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
-		descReloads, descLogDropped, descBuild,
+		descReloads, descLogDropped, descLogLost, descBuild,
 	} {
 		ch <- d
 	}
@@ -179,6 +181,8 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descReloads, st.Reloads, "success")
 	counter(descReloads, st.ReloadFailures, "failure")
 	counter(descLogDropped, st.BadLinesNotLogged)
+	counter(descLogLost, st.StdoutLinesLost, "stdout")
+	counter(descLogLost, st.StderrLinesLost, "stderr")
 	b := readBuildInfo()
 	gauge(descBuild, 1, b.version, b.revision, runtime.Version())
 }

@@ -155,15 +155,6 @@ func (s *server) readLoop(w *worker, conn *net.UDPConn) {
 	}
 }
 
-// rarely adds n to an error counter and reports whether the error should
-// be logged: the first time, and then once per thousand, so that a
-// persistent fault does not flood the log.
-func rarely(counter *atomic.Uint64, n int) bool {
-	after := counter.Add(uint64(n))
-	before := after - uint64(n)
-	return before == 0 || before/1000 != after/1000
-}
-
 // readBatchSize is how many datagrams one recvmmsg call may return. Under
 // load it cuts system calls by about that factor; with one request at a
 // time it costs nothing, since recvmmsg returns what is queued.

@@ -22,6 +22,8 @@ type Stats struct {
 
 	Reloads, ReloadFailures uint64
 	BadLinesNotLogged       uint64 // malformed-request log lines left out by the rate limit
+	StdoutLinesLost         uint64 // decision lines that could not be written
+	StderrLinesLost         uint64 // messages that could not be written
 }
 
 // FrontEndStats counts what one front end did.
