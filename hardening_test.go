@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -142,4 +144,47 @@ func TestLogLineBoundedAndEscaped(t *testing.T) {
 	if want := " ...[" + itoa(len(huge)-maxLoggedRequest) + " more bytes]\n"; !bytes.HasSuffix(line, []byte(want)) {
 		t.Errorf("line ends %q, want %q", line[len(line)-40:], want)
 	}
+}
+
+// TestShutdownAnswersWhatItRead stops a daemon in the middle of a flood:
+// every request it read was answered (before, requests read at shutdown
+// were recorded but their replies failed on the closed socket).
+func TestShutdownAnswersWhatItRead(t *testing.T) {
+	td := startTestDaemon(t, settingsOf(t, defaultConfig()), newFakeClock().now, nil)
+	var clients sync.WaitGroup
+	stop := make(chan struct{})
+	for c := range 4 {
+		conn := dial(t, td.addr)
+		clients.Go(func() {
+			go func() { // drain replies
+				buf := make([]byte, 16)
+				for {
+					if _, err := conn.Read(buf); err != nil {
+						return
+					}
+				}
+			}()
+			for i := range 200_000 {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				conn.Write(req(fmt.Sprintf("192.0.2.%d", c), alice, fmt.Sprintf("r%d@x", i)))
+			}
+		})
+	}
+	time.Sleep(300 * time.Millisecond) // let the flood build up
+	if err := td.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	close(stop)
+	clients.Wait()
+	var st Stats
+	td.UpdateStats(&st)
+	q := st.FrontEnds[0]
+	if q.Requests == 0 || q.Replies != q.Requests || q.WriteErrors != 0 || q.Malformed != 0 {
+		t.Fatalf("%d requests read, %d answered, %d replies failed, %d malformed", q.Requests, q.Replies, q.WriteErrors, q.Malformed)
+	}
+	t.Logf("%d requests read during the flood, all answered", q.Requests)
 }

@@ -24,8 +24,10 @@ type server struct {
 	// everyone. A reload replaces it.
 	allow atomic.Pointer[IPRanges]
 
-	mu      sync.Mutex
-	workers []*worker // every reader's scratch space and counters
+	mu       sync.Mutex
+	workers  []*worker // every reader's scratch space and counters
+	started  bool      // Serve has started the readers
+	stopping bool      // Close was called
 
 	readErrors  atomic.Uint64 // failed reads other than the socket closing
 	writeErrors atomic.Uint64 // replies that could not be sent
@@ -72,16 +74,45 @@ func (s *server) newWorker() *worker {
 func (s *server) Name() string { return "qmail" }
 
 // Serve answers requests until Close is called, and returns once every
-// reader has finished the requests it was handling.
+// reader has answered what it had read and the sockets are closed.
 func (s *server) Serve() error {
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		closeAll(s.conns)
+		return nil
+	}
+	s.started = true
+	s.mu.Unlock()
 	s.serve(s.readers)
+	closeAll(s.conns)
 	return nil
 }
 
-// Close closes the sockets, which stops every reader.
+// Close stops the readers: it stops reading, so that every request read
+// is answered before the sockets close (Serve closes them). Requests still
+// queued in the kernel are not read; their clients time out as if the
+// daemon had stopped a moment sooner.
 func (s *server) Close() error {
-	closeAll(s.conns)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.stopping = true
+	if !s.started {
+		closeAll(s.conns)
+		return nil
+	}
+	past := time.Unix(1, 0)
+	for _, c := range s.conns {
+		c.SetReadDeadline(past) // wakes every reader blocked in a read
+	}
 	return nil
+}
+
+// isStopping reports whether Close was called.
+func (s *server) isStopping() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stopping
 }
 
 // Addr returns the address the server answers on.
@@ -130,7 +161,7 @@ func (s *server) readLoop(w *worker, conn *net.UDPConn) {
 	for {
 		n, peer, err := conn.ReadFromUDPAddrPort(w.buf)
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || s.isStopping() {
 				return
 			}
 			// Nothing a client sends makes a UDP read fail; count it,
@@ -171,7 +202,7 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 	for {
 		n, err := bc.read()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) || s.isStopping() {
 				return true
 			}
 			if rarely(&s.readErrors, 1) {
