@@ -78,7 +78,7 @@ func checkCommand(args []string, stdout, stderr io.Writer) error {
 // checkStateFile reads the state file at path without loading it and
 // describes it, or says what is wrong with it.
 func checkStateFile(path string) (string, error) {
-	data, err := os.ReadFile(path)
+	data, err := readStateFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		dir := filepath.Dir(path)
 		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
@@ -87,7 +87,7 @@ func checkStateFile(path string) (string, error) {
 		return fmt.Sprintf("no state file %s yet (it will be created)", path), nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("state file: cannot read %q: %w", path, err)
+		return "", err
 	}
 	st, err := decodeStateFile(data, func(int, [16]byte, uint32) bool { return true })
 	if err != nil {

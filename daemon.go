@@ -61,7 +61,7 @@ type daemon struct {
 	log       *logger
 	outSink   *lossySink // stdout: decision lines
 	errSink   *lossySink // stderr: the daemon's messages
-	lock      *os.File // the state file's lock, held while the daemon runs
+	lock      *os.File   // the state file's lock, held while the daemon runs
 	table     *table
 	snap      *snapshotter
 	g         *Greylister
@@ -107,6 +107,9 @@ func (d *daemon) run(ctx context.Context) error {
 func (d *daemon) open(set *Settings) error {
 	d.set = set
 	d.openLogs(set.Debug)
+	if err := checkStateDir(set.StateFile); err != nil {
+		return fmt.Errorf("%s: %w", set.Source.describe("state_file"), err)
+	}
 	lock, err := lockStateFile(set.StateFile)
 	if err != nil {
 		return err
@@ -115,7 +118,7 @@ func (d *daemon) open(set *Settings) error {
 
 	conns, activated, err := openQmailSockets(set.ListenAddr)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", set.Source.describe("listen"), err)
 	}
 	d.qmail = &server{conns: conns, readers: readersPerSocket(len(conns)), log: d.log}
 	d.frontEnds = append(d.frontEnds, d.qmail)
@@ -130,7 +133,7 @@ func (d *daemon) open(set *Settings) error {
 	if set.MetricsListen != "" {
 		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
 		if err != nil {
-			return err
+			return fmt.Errorf("%s: %w", set.Source.describe("metrics_listen"), err)
 		}
 		d.frontEnds = append(d.frontEnds, ms)
 	}
@@ -142,6 +145,9 @@ func (d *daemon) open(set *Settings) error {
 		}
 	} else if os.Geteuid() == 0 {
 		d.log.Warnf("running as root; use -u to switch to an unprivileged user")
+	}
+	if err := checkStateAccess(set.StateFile); err != nil {
+		return err
 	}
 	wl, err := d.loadWhitelist(set.Whitelist)
 	if err != nil {
@@ -189,7 +195,7 @@ func (d *daemon) loadState(wl *IPRanges) error {
 	empty := func() {
 		d.table = newTable(shardsFor(set.MaxEntries), set.MaxEntries)
 		d.g = NewGreylister(d.table, set.Policy, wl, d.now)
-		d.snap = &snapshotter{path: set.StateFile, table: d.table, policy: d.g.Policy, now: d.now}
+		d.snap = &snapshotter{path: set.StateFile, table: d.table, policy: d.g.Policy, now: d.now, warn: d.log.Warnf}
 	}
 	empty()
 	start := time.Now()

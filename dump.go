@@ -2,11 +2,8 @@ package main
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
-	"io/fs"
-	"os"
 	"strconv"
 )
 
@@ -14,12 +11,9 @@ import (
 // w as Perl save-file lines: every I line, then every G line. Nothing is
 // filtered out. Keys held only as fingerprints are written as "#<hex>".
 func dumpFile(path string, w io.Writer) error {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("cannot open %q: %w", path, err)
-	}
+	data, err := readStateFile(path)
 	if err != nil {
-		return fmt.Errorf("cannot read %q: %w", path, err)
+		return err
 	}
 	type entry struct {
 		k [16]byte

@@ -2,12 +2,16 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -187,4 +191,185 @@ func TestShutdownAnswersWhatItRead(t *testing.T) {
 		t.Fatalf("%d requests read, %d answered, %d replies failed, %d malformed", q.Requests, q.Replies, q.WriteErrors, q.Malformed)
 	}
 	t.Logf("%d requests read during the flood, all answered", q.Requests)
+}
+
+// nobodyDir returns a fresh directory that user nobody can enter and, if
+// owned, write, with its uid and gid; it skips the test unless it runs as
+// root, which switching users needs (CI runs as root).
+func nobodyDir(t *testing.T, owned bool) (dir string, uid, gid int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to start the daemon with -u nobody; CI runs as root")
+	}
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		t.Fatalf("no user nobody: %v", err)
+	}
+	uid, _ = strconv.Atoi(u.Uid)
+	gid, _ = strconv.Atoi(u.Gid)
+	dir, err = os.MkdirTemp("", "greydaemon-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	if owned {
+		os.Chown(dir, uid, gid)
+	}
+	return dir, uid, gid
+}
+
+// TestPerlSaveFileOwnedByRoot migrates a Perl save file that belongs to
+// root, with the daemon running as nobody in a directory nobody owns: the
+// kernel's protected_hardlinks refuses a link to root's file, so the
+// original is kept as a copy, and saving works from the first save on.
+func TestPerlSaveFileOwnedByRoot(t *testing.T) {
+	dir, _, _ := nobodyDir(t, true)
+	state := filepath.Join(dir, "greydata")
+	now := time.Now().Unix()
+	perl := fmt.Sprintf("I %d 192.0.2.1\nG %d 192.0.2.2 alice@sender.example bob@rcpt.example\n", now-60, now-60)
+	if err := os.WriteFile(state, []byte(perl), 0o644); err != nil { // owned by root
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile("/proc/sys/fs/protected_hardlinks"); strings.TrimSpace(string(b)) != "1" {
+		t.Logf("fs.protected_hardlinks is not 1 here, so the link succeeds and the copy is not exercised")
+	}
+	c := startChild(t, "-u", "nobody", "-s", "0.017", "127.0.0.1:0", state)
+	var got bytes.Buffer
+	for range 500 { // the first save comes after about a second
+		got.Reset()
+		if dumpFile(state, &got) == nil && !bytes.HasPrefix(mustRead(t, state), []byte("I ")) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if bytes.HasPrefix(mustRead(t, state), []byte("I ")) {
+		t.Fatalf("no snapshot replaced the Perl file:\n%s", c.log.String())
+	}
+	if kept := mustRead(t, state+".perl"); string(kept) != perl {
+		t.Fatalf("kept original %q, want %q", kept, perl)
+	}
+	if err := stopChild(t, c); err != nil {
+		t.Fatalf("exit: %v\n%s", err, c.log.String())
+	}
+	if strings.Contains(c.log.String(), "error") {
+		t.Errorf("errors logged:\n%s", c.log.String())
+	}
+	if !strings.Contains(got.String(), "I ") || strings.Count(got.String(), "G ") != 1 {
+		t.Errorf("snapshot lost the Perl entries:\n%s", got.String())
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// runChildToExit runs the test binary as a child daemon with args and
+// returns its exit error and stderr; the child must stop by itself.
+func runChildToExit(t *testing.T, args ...string) (error, string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childDaemonEnv+"="+strings.Join(args, "\n"))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err, stderr.String()
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		t.Fatalf("the daemon did not stop by itself within 30 s: %s", stderr.String())
+	}
+	return nil, ""
+}
+
+// TestUnusableStatePathsRefusedAtStart checks that a state path the daemon
+// could not save to is refused at start, as the user it runs as, with what
+// to change, instead of at the first save ten minutes later.
+func TestUnusableStatePathsRefusedAtStart(t *testing.T) {
+	base := t.TempDir()
+	fifo := filepath.Join(base, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name  string
+		state string
+		want  string
+	}{
+		{"missing directory", filepath.Join(base, "nope", "state"), `does not exist; create it: mkdir -p "` + filepath.Join(base, "nope") + `"`},
+		{"named pipe", fifo, `state file "` + fifo + `" is not a regular file (a named pipe)`},
+		{"directory", base, "is not a regular file (a directory)"},
+	} {
+		err, stderr := runChildToExit(t, "127.0.0.1:0", tt.state)
+		if err == nil || !strings.Contains(stderr, tt.want) {
+			t.Errorf("%s: exit %v, stderr %q; want an error containing %q", tt.name, err, stderr, tt.want)
+		}
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("the -u cases need root; CI runs as root")
+	}
+	rootDir, _, _ := nobodyDir(t, false)
+	err, stderr := runChildToExit(t, "-u", "nobody", "127.0.0.1:0", filepath.Join(rootDir, "state"))
+	if want := `as user nobody (uid 65534): open `; err == nil || !strings.Contains(stderr, "cannot create files in") || !strings.Contains(stderr, want) ||
+		!strings.Contains(stderr, "make it writable by that user (chown nobody \""+rootDir) {
+		t.Errorf("unwritable directory: exit %v, stderr %q", err, stderr)
+	}
+	ownDir, _, _ := nobodyDir(t, true)
+	unreadable := filepath.Join(ownDir, "state")
+	os.WriteFile(unreadable, []byte("I 1 192.0.2.1\n"), 0o600) // root's, after -u was added
+	err, stderr = runChildToExit(t, "-u", "nobody", "127.0.0.1:0", unreadable)
+	if err == nil || !strings.Contains(stderr, `cannot read state file "`+unreadable+`" as user nobody`) ||
+		!strings.Contains(stderr, "(chown nobody \""+unreadable) {
+		t.Errorf("unreadable state file: exit %v, stderr %q", err, stderr)
+	}
+}
+
+// TestFinalSaveFailureExitsNonZero removes the state directory under a
+// running daemon: its final save fails, it says so without promising a
+// retry, and run returns an error (exit status 1).
+func TestFinalSaveFailureExitsNonZero(t *testing.T) {
+	dir := t.TempDir()
+	cfg := defaultConfig()
+	cfg.StateFile = filepath.Join(dir, "sub", "state")
+	os.Mkdir(filepath.Join(dir, "sub"), 0o755)
+	td := startTestDaemon(t, settingsOf(t, cfg), newFakeClock().now, nil)
+	exchange(t, dial(t, td.addr), req("192.0.2.1", alice, bob), 5*time.Second)
+	os.RemoveAll(filepath.Join(dir, "sub"))
+	err := td.stop(t)
+	if err == nil || !strings.Contains(err.Error(), "the final save failed") {
+		t.Fatalf("run returned %v, want the final save's failure", err)
+	}
+	if log := td.errOut.String(); !strings.Contains(log, "cannot save state (shutdown)") || strings.Contains(log, "will retry") {
+		t.Errorf("log:\n%s", log)
+	}
+	if code := exitCode(err, io.Discard, io.Discard); code != 1 {
+		t.Errorf("exit code %d, want 1", code)
+	}
+}
+
+// TestListenErrorNamesKeyAndFile checks that a listen value that passes the
+// syntax check but cannot be used names the key and the file's line.
+func TestListenErrorNamesKeyAndFile(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "g.toml")
+	// A name that is not a host name fails in the resolver without asking
+	// any server.
+	os.WriteFile(conf, []byte(fmt.Sprintf("state_file = %q\nlisten = \"bad_host!:1999\"\n", filepath.Join(dir, "state"))), 0o644)
+	d := newDaemon(fromArgs("-c", conf), io.Discard, io.Discard)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second) // were it to start, it would stop
+	defer cancel()
+	err := d.run(ctx)
+	if err == nil || !strings.Contains(err.Error(), conf+":2: listen: cannot resolve listen address") {
+		t.Fatalf("got %v, want an error naming %s:2 and listen", err, conf)
+	}
 }

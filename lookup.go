@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"os"
 	"time"
 )
 
@@ -64,10 +63,10 @@ func lookupCommand(args []string, w io.Writer, now func() time.Time) error {
 	}
 	var known, grey uint32
 	var isKnown, isGrey bool
-	data, err := os.ReadFile(c.StateFile)
+	data, err := readStateFile(c.StateFile)
 	missing := errors.Is(err, fs.ErrNotExist)
 	if err != nil && !missing {
-		return fmt.Errorf("cannot read %q: %w", c.StateFile, err)
+		return err
 	}
 	st, err := decodeStateFile(data, func(kind int, k [16]byte, t uint32) bool {
 		switch {

@@ -48,6 +48,18 @@ func (s Source) where(key string) string {
 	return "defaults"
 }
 
+// describe names key with where its value came from, for an error about
+// the value that only shows when it is used: "FILE:LINE: key", or "key
+// (command line)", or "key (default)".
+func (s Source) describe(key string) string {
+	switch w := s.where(key); w {
+	case "command line", "defaults":
+		return key + " (" + strings.TrimSuffix(w, "s") + ")"
+	default:
+		return w + ": " + key
+	}
+}
+
 // A settingError is a problem with the value of one key.
 type settingError struct {
 	Key, Msg string

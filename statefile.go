@@ -9,8 +9,11 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/zeebo/xxh3"
@@ -28,6 +31,8 @@ type snapshotter struct {
 	// keepPerl is set after a Perl save file was loaded: the next save
 	// first keeps the original as path+".perl".
 	keepPerl bool
+	// warn, if set, logs a problem that does not stop a save.
+	warn func(format string, args ...any)
 
 	scratch snapshotScratch
 }
@@ -46,10 +51,11 @@ type saveStats struct {
 func (s *snapshotter) save() (st saveStats, err error) {
 	start := time.Now()
 	if s.keepPerl {
-		if err := keepOriginal(s.path, s.path+".perl"); err != nil {
-			return st, err
-		}
+		// Once: a failure to keep the original must never block saving.
 		s.keepPerl = false
+		if err := keepOriginal(s.path, s.path+".perl"); err != nil && s.warn != nil {
+			s.warn("%v; saving anyway, so the Perl save file is replaced (its entries are in the snapshot)", err)
+		}
 	}
 	dir, base := filepath.Split(s.path)
 	if dir == "" {
@@ -104,12 +110,12 @@ func (s *snapshotter) save() (st saveStats, err error) {
 // caller should start over with an empty table.
 func (s *snapshotter) load() (loadStats, error) {
 	s.removeStaleTemps()
-	data, err := os.ReadFile(s.path)
+	data, err := readStateFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return loadStats{format: "missing"}, nil
 	}
 	if err != nil {
-		return loadStats{}, fmt.Errorf("cannot read %q: %w", s.path, err)
+		return loadStats{}, err
 	}
 	now := uint32(s.now().Unix())
 	st, err := decodeStateFile(data, func(kind int, k [16]byte, t uint32) bool {
@@ -120,6 +126,101 @@ func (s *snapshotter) load() (loadStats, error) {
 	}
 	s.keepPerl = st.format == "perl"
 	return st, nil
+}
+
+// readStateFile returns the contents of the state file at path. It refuses
+// anything but a regular file: a named pipe would block the daemon's start
+// for ever (and deaf to SIGTERM), a device would never end. An error for a
+// missing file wraps fs.ErrNotExist.
+func readStateFile(path string) ([]byte, error) {
+	// O_NONBLOCK: opening a named pipe must not wait for a writer.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		if errors.Is(err, fs.ErrPermission) {
+			return nil, fmt.Errorf("cannot read state file %q as %s: %w; make it readable by that user (chown %s %q)",
+				path, whoami(), err, userName(), path)
+		}
+		return nil, fmt.Errorf("cannot read state file %q: %w", path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("cannot read state file %q: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("state file %q is not a regular file (%s); give a path to a file, or to none yet", path, fileKind(fi.Mode()))
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("cannot read state file %q: %w", path, err)
+	}
+	return data, nil
+}
+
+// fileKind names the type of a file that is not a regular one.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeNamedPipe != 0:
+		return "a named pipe"
+	case m&fs.ModeSocket != 0:
+		return "a socket"
+	case m&fs.ModeDevice != 0:
+		return "a device"
+	case m.IsDir():
+		return "a directory"
+	}
+	return m.Type().String()
+}
+
+// checkStateDir checks that the directory of the state file at path
+// exists, before anything is written in it.
+func checkStateDir(path string) error {
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("the directory of state file %q does not exist; create it: mkdir -p %q", path, dir)
+	}
+	if err != nil {
+		return fmt.Errorf("cannot use the directory of state file %q: %w", path, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("the directory of state file %q, %q, is not a directory", path, dir)
+	}
+	return nil
+}
+
+// checkStateAccess checks, with the privileges the daemon runs with, that
+// it will be able to save: that it can create files in the state file's
+// directory (each save writes a new file there and renames it). Without
+// this check a directory the daemon cannot write would show only at the
+// first save, minutes after start.
+func checkStateAccess(path string) error {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, base+".tmp-probe-*")
+	if err != nil {
+		return fmt.Errorf("cannot create files in %q, the directory of state file %q, as %s: %w; make it writable by that user (chown %s %q)",
+			dir, path, whoami(), err, userName(), dir)
+	}
+	f.Close()
+	os.Remove(f.Name())
+	return nil
+}
+
+// whoami describes the user the process runs as, for errors.
+func whoami() string {
+	return fmt.Sprintf("user %s (uid %d)", userName(), os.Geteuid())
+}
+
+// userName returns the name of the user the process runs as, or its uid.
+func userName() string {
+	uid := strconv.Itoa(os.Geteuid())
+	if u, err := user.LookupId(uid); err == nil {
+		return u.Username
+	}
+	return uid
 }
 
 // decodeStateFile decodes the contents of a state file, whichever form it
@@ -193,19 +294,55 @@ func syncDir(dir string) error {
 	return d.Sync()
 }
 
-// keepOriginal makes a second name, keep, for the file at path, unless keep
-// exists already. It never overwrites.
+// keepOriginal makes keep a copy of the file at path, unless keep exists
+// already; it never overwrites. It tries a hard link first, which costs
+// nothing, and copies when linking is refused: with fs.protected_hardlinks
+// (the default on Linux distributions) a user may not link a file that
+// belongs to another, and a Perl save file typically belongs to root.
 func keepOriginal(path, keep string) error {
 	if _, err := os.Lstat(keep); err == nil {
 		return nil
 	}
-	if err := os.Link(path, keep); err != nil && !errors.Is(err, fs.ErrExist) {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil // nothing to keep
-		}
+	err := os.Link(path, keep)
+	switch {
+	case err == nil, errors.Is(err, fs.ErrExist):
+		return nil
+	case errors.Is(err, fs.ErrNotExist):
+		return nil // nothing to keep
+	}
+	if err := copyNew(path, keep); err != nil {
 		return fmt.Errorf("cannot keep the Perl save file as %q: %w", keep, err)
 	}
 	return nil
+}
+
+// copyNew copies the file at src to dst, which must not exist: through a
+// temporary file in dst's directory, synced, then linked to dst (our own
+// new file, which we may link), so dst appears whole or not at all.
+func copyNew(src, dst string) (err error) {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	tmp, err := os.CreateTemp(filepath.Dir(dst), filepath.Base(src)+".tmp-*") // removed at the next start if a crash leaves it
+	if err != nil {
+		return err
+	}
+	defer func() {
+		tmp.Close()
+		os.Remove(tmp.Name())
+	}()
+	if _, err := io.Copy(tmp, in); err != nil {
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		return err
+	}
+	if err := os.Link(tmp.Name(), dst); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return syncDir(filepath.Dir(dst))
 }
 
 // setAside renames a damaged state file to path.corrupt-<unix time> (with a
