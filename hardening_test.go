@@ -271,12 +271,12 @@ func mustRead(t *testing.T, path string) []byte {
 
 // runChildToExit runs the test binary as a child daemon with args and
 // returns its exit error and stderr; the child must stop by itself.
-func runChildToExit(t *testing.T, args ...string) (error, string) {
+func runChildToExit(t *testing.T, args ...string) (stderr string, err error) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childDaemonEnv+"="+strings.Join(args, "\n"))
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	var errOut bytes.Buffer
+	cmd.Stderr = &errOut
 	done := make(chan error, 1)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -284,12 +284,12 @@ func runChildToExit(t *testing.T, args ...string) (error, string) {
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
-		return err, stderr.String()
+		return errOut.String(), err
 	case <-time.After(30 * time.Second):
 		cmd.Process.Kill()
-		t.Fatalf("the daemon did not stop by itself within 30 s: %s", stderr.String())
+		t.Fatalf("the daemon did not stop by itself within 30 s: %s", errOut.String())
 	}
-	return nil, ""
+	return "", nil
 }
 
 // TestUnusableStatePathsRefusedAtStart checks that a state path the daemon
@@ -310,7 +310,7 @@ func TestUnusableStatePathsRefusedAtStart(t *testing.T) {
 		{"named pipe", fifo, `state file "` + fifo + `" is not a regular file (a named pipe)`},
 		{"directory", base, "is not a regular file (a directory)"},
 	} {
-		err, stderr := runChildToExit(t, "127.0.0.1:0", tt.state)
+		stderr, err := runChildToExit(t, "127.0.0.1:0", tt.state)
 		if err == nil || !strings.Contains(stderr, tt.want) {
 			t.Errorf("%s: exit %v, stderr %q; want an error containing %q", tt.name, err, stderr, tt.want)
 		}
@@ -319,7 +319,7 @@ func TestUnusableStatePathsRefusedAtStart(t *testing.T) {
 		t.Skip("the -u cases need root; CI runs as root")
 	}
 	rootDir, _, _ := nobodyDir(t, false)
-	err, stderr := runChildToExit(t, "-u", "nobody", "127.0.0.1:0", filepath.Join(rootDir, "state"))
+	stderr, err := runChildToExit(t, "-u", "nobody", "127.0.0.1:0", filepath.Join(rootDir, "state"))
 	if want := `as user nobody (uid 65534): open `; err == nil || !strings.Contains(stderr, "cannot create files in") || !strings.Contains(stderr, want) ||
 		!strings.Contains(stderr, "make it writable by that user (chown nobody \""+rootDir) {
 		t.Errorf("unwritable directory: exit %v, stderr %q", err, stderr)
@@ -327,7 +327,7 @@ func TestUnusableStatePathsRefusedAtStart(t *testing.T) {
 	ownDir, _, _ := nobodyDir(t, true)
 	unreadable := filepath.Join(ownDir, "state")
 	os.WriteFile(unreadable, []byte("I 1 192.0.2.1\n"), 0o600) // root's, after -u was added
-	err, stderr = runChildToExit(t, "-u", "nobody", "127.0.0.1:0", unreadable)
+	stderr, err = runChildToExit(t, "-u", "nobody", "127.0.0.1:0", unreadable)
 	if err == nil || !strings.Contains(stderr, `cannot read state file "`+unreadable+`" as user nobody`) ||
 		!strings.Contains(stderr, "(chown nobody \""+unreadable) {
 		t.Errorf("unreadable state file: exit %v, stderr %q", err, stderr)
