@@ -428,14 +428,18 @@ func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry)
 	lastSeen = t.clamp(lastSeen, now)
 	s := t.shardFor(client.shardHash())
 	s.mu.Lock()
+	var evicted int
 	if old, ok := s.known[client]; ok {
 		s.known[client] = max(old, lastSeen)
 	} else {
-		s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t.shardCap, now, exp)
 		s.known[client] = lastSeen
 		s.peakKnown = max(s.peakKnown, len(s.known))
 	}
 	s.mu.Unlock()
+	if evicted > 0 {
+		t.evicted.Add(uint64(evicted))
+	}
 }
 
 // restoreGrey inserts a grey triplet loaded from a snapshot, keeping the
@@ -444,12 +448,16 @@ func (t *table) restoreGrey(k tripletKey, firstSeen, now uint32, exp expiry) {
 	firstSeen = t.clamp(firstSeen, now)
 	s := t.shardFor(k.shardHash())
 	s.mu.Lock()
+	var evicted int
 	if old, ok := s.grey[k]; ok {
 		s.grey[k] = min(old, firstSeen)
 	} else {
-		s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t.shardCap, now, exp)
 		s.grey[k] = firstSeen
 		s.peakGrey = max(s.peakGrey, len(s.grey))
 	}
 	s.mu.Unlock()
+	if evicted > 0 {
+		t.evicted.Add(uint64(evicted))
+	}
 }
