@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -67,9 +66,8 @@ func TestClosedStdout(t *testing.T) {
 	if !strings.Contains(c.log.String(), "log lines lost: 4 on stdout") {
 		t.Errorf("the stop line does not count the lost lines:\n%s", c.log.String())
 	}
-	var dump bytes.Buffer
-	if err := dumpFile(state, &dump); err != nil || strings.Count(dump.String(), "G ") != 2 {
-		t.Fatalf("state at exit: %v\n%s", err, dump.String())
+	if n := greyInState(t, state); n != 2 {
+		t.Fatalf("%d grey triplets saved at exit, want 2", n)
 	}
 }
 
@@ -78,13 +76,7 @@ func TestClosedStdout(t *testing.T) {
 // answers, and saves at exit. Its address comes from a socket passed as
 // systemd would, since its "listening on" line is lost.
 func TestClosedStderr(t *testing.T) {
-	sock, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, _ := sock.File()
-	addr := sock.LocalAddr().(*net.UDPAddr)
-	sock.Close()
+	f, addr := passedSocket(t)
 	r, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
@@ -92,8 +84,7 @@ func TestClosedStderr(t *testing.T) {
 	r.Close()
 	state := filepath.Join(t.TempDir(), "state")
 	var out syncBuffer
-	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -test.run='^$'`, os.Args[0])
-	cmd.ExtraFiles = []*os.File{f}
+	cmd := activatedChildCmd(f)
 	cmd.Env = append(os.Environ(), childDaemonEnv+"=127.0.0.1:0\n"+state)
 	cmd.Stdout, cmd.Stderr = &out, w
 	if err := cmd.Start(); err != nil {

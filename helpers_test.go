@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -145,3 +147,47 @@ func testPolicyFunc() Policy { return testPolicy }
 
 // itoa formats n in decimal.
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// greyInState returns how many grey triplets the state file at path holds,
+// failing the test if it cannot be read.
+func greyInState(t *testing.T, path string) int {
+	t.Helper()
+	var dump bytes.Buffer
+	if err := dumpFile(path, &dump); err != nil {
+		t.Fatalf("state file: %v", err)
+	}
+	n := 0
+	for _, line := range strings.Split(dump.String(), "\n") {
+		if strings.HasPrefix(line, "G ") {
+			n++
+		}
+	}
+	return n
+}
+
+// passedSocket binds a UDP socket on 127.0.0.1 and returns it as a file to
+// pass to a child, with its address; the caller closes the file once the
+// child has it.
+func passedSocket(t *testing.T) (*os.File, *net.UDPAddr) {
+	t.Helper()
+	sock, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	f, err := sock.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, sock.LocalAddr().(*net.UDPAddr)
+}
+
+// activatedChildCmd returns a command that runs the test binary as a child
+// daemon with f as a socket passed the way systemd passes one (descriptor
+// 3, LISTEN_FDS=1, LISTEN_PID the child's own pid, which sh sets before
+// exec keeps it).
+func activatedChildCmd(f *os.File) *exec.Cmd {
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -test.run='^$'`, os.Args[0])
+	cmd.ExtraFiles = []*os.File{f}
+	return cmd
+}

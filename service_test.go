@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -405,9 +404,8 @@ func TestRealSignals(t *testing.T) {
 	if err := c.cmd.Wait(); err != nil {
 		t.Fatalf("exit after SIGTERM: %v\n%s", err, c.log.String())
 	}
-	var buf bytes.Buffer
-	if err := dumpFile(state, &buf); err != nil || strings.Count(buf.String(), "G ") != 1 {
-		t.Fatalf("state after SIGTERM: %v\n%s", err, buf.String())
+	if n := greyInState(t, state); n != 1 {
+		t.Fatalf("%d grey triplets saved after SIGTERM, want 1", n)
 	}
 }
 
@@ -415,20 +413,8 @@ func TestRealSignals(t *testing.T) {
 // systemd does (fd 3, LISTEN_FDS=1, LISTEN_PID its own pid): the daemon
 // answers on it instead of binding its configured address.
 func TestSocketActivation(t *testing.T) {
-	sock, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := sock.File()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := sock.LocalAddr().(*net.UDPAddr)
-	sock.Close()
-	// sh sets LISTEN_PID to its own pid, which exec keeps.
-	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -test.run='^$'`, os.Args[0])
-	cmd.ExtraFiles = []*os.File{f}
-	c := startChildCmd(t, cmd, "127.0.0.1:1", filepath.Join(t.TempDir(), "state"))
+	f, addr := passedSocket(t)
+	c := startChildCmd(t, activatedChildCmd(f), "127.0.0.1:1", filepath.Join(t.TempDir(), "state"))
 	f.Close()
 	if c.addr.Port != addr.Port {
 		t.Fatalf("child listens on %s, want the passed socket %s", c.addr, addr)
