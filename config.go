@@ -33,6 +33,17 @@ type Config struct {
 	MaxEntries      int      `toml:"max_entries"`       // hard cap on table entries
 	Allow           []string `toml:"allow"`             // networks whose queries are answered; empty: all
 	MetricsListen   string   `toml:"metrics_listen"`    // host:port of the Prometheus endpoint; empty: off
+	IPv4Prefix      int      `toml:"ipv4_prefix"`       // clients keyed by their /N (32: each address)
+	IPv6Prefix      int      `toml:"ipv6_prefix"`       // clients keyed by their /N (128: each address)
+	NormalizeSender bool     `toml:"normalize_sender"`  // take BATV, SRS and VERP tags out of keys
+
+	// Postfix policy delegation (policy.go).
+	PolicyListen         string   `toml:"policy_listen"`          // host:port or unix:/path; empty: off
+	PolicySocketMode     string   `toml:"policy_socket_mode"`     // octal mode of a unix socket
+	PolicyDeferText      string   `toml:"policy_defer_text"`      // after DEFER_IF_PERMIT; %s: seconds left, %r: recipient domain
+	PolicyPrependHeader  bool     `toml:"policy_prepend_header"`  // X-Greylist header on mail that passed after a retry
+	PolicyMaxConnections int      `toml:"policy_max_connections"` // connections served at once
+	PolicyIdleTimeout    Duration `toml:"policy_idle_timeout"`    // a connection idle this long is closed
 }
 
 // The defaults, the Perl daemon's where it has one.
@@ -45,6 +56,7 @@ const (
 	defaultKnownIP      = 7 * 24 * time.Hour
 	defaultResendWindow = 12 * time.Hour
 	defaultMinDelay     = 5 * time.Minute
+	defaultDeferText    = "Greylisted, please try again in %s seconds"
 )
 
 // defaultConfig returns the settings used when neither file nor flags say
@@ -58,6 +70,14 @@ func defaultConfig() Config {
 		ResendWindow:    Duration{defaultResendWindow},
 		MinResendDelay:  Duration{defaultMinDelay},
 		MaxEntries:      defaultMaxEntries,
+		IPv4Prefix:      32,
+		IPv6Prefix:      64,
+
+		PolicySocketMode:     "0660",
+		PolicyDeferText:      defaultDeferText,
+		PolicyPrependHeader:  true,
+		PolicyMaxConnections: 256,
+		PolicyIdleTimeout:    Duration{10 * time.Minute},
 	}
 }
 

@@ -24,6 +24,15 @@ debug = true
 max_entries = 500000
 allow = ["127.0.0.0/8", "::1/128"]
 metrics_listen = "127.0.0.1:9119"
+ipv4_prefix = 24
+ipv6_prefix = 48
+normalize_sender = true
+policy_listen = "unix:/run/greydaemon/policy.sock"
+policy_socket_mode = "0666"
+policy_defer_text = "Greylisted for %s s at %r"
+policy_prepend_header = false
+policy_max_connections = 50
+policy_idle_timeout = "1m"
 `
 	c := defaultConfig()
 	if err := parseConfig(&c, strings.NewReader(text), "test.toml"); err != nil {
@@ -35,6 +44,10 @@ metrics_listen = "127.0.0.1:9119"
 		KnownIPLifetime: Duration{36 * time.Hour}, ResendWindow: Duration{6 * time.Hour},
 		MinResendDelay: Duration{90 * time.Second}, Debug: true, MaxEntries: 500000,
 		Allow: []string{"127.0.0.0/8", "::1/128"}, MetricsListen: "127.0.0.1:9119",
+		IPv4Prefix: 24, IPv6Prefix: 48, NormalizeSender: true,
+		PolicyListen: "unix:/run/greydaemon/policy.sock", PolicySocketMode: "0666",
+		PolicyDeferText: "Greylisted for %s s at %r", PolicyPrependHeader: false,
+		PolicyMaxConnections: 50, PolicyIdleTimeout: Duration{time.Minute},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("got %+v\nwant %+v", c, want)
@@ -74,6 +87,18 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.MaxEntries = 10 }, "max_entries: must be at least 1000"},
 		{func(c *Config) { c.Listen = "1.2.3.4:99999" }, "listen: bad port"},
 		{func(c *Config) { c.StateFile = "" }, "state_file: must not be empty"},
+		{func(c *Config) { c.IPv4Prefix = 33 }, "ipv4_prefix: must be 8 to 32"},
+		{func(c *Config) { c.IPv6Prefix = 8 }, "ipv6_prefix: must be 16 to 128"},
+		{func(c *Config) { c.PolicyListen = "unix:" }, `policy_listen: want "unix:/path/to/socket"`},
+		{func(c *Config) { c.PolicyListen = "nowhere" }, `policy_listen: want "host:port" or "unix:/path"`},
+		{func(c *Config) { c.PolicySocketMode = "rw-rw----" }, "policy_socket_mode: want an octal mode"},
+		{func(c *Config) { c.PolicyDeferText = "Wait %d seconds" }, `policy_defer_text: unknown placeholder "%d"`},
+		{func(c *Config) { c.PolicyDeferText = "100%" }, `policy_defer_text: ends in a lone "%"`},
+		{func(c *Config) { c.PolicyDeferText = "line\nbreak" }, "policy_defer_text: must not hold control characters"},
+		{func(c *Config) { c.PolicyMaxConnections = 0 }, "policy_max_connections: must be 1 to 100000"},
+		{func(c *Config) { c.PolicyIdleTimeout.Duration = time.Millisecond }, "policy_idle_timeout: must be at least 1s"},
+		{func(c *Config) { c.Allow = []string{"10.0.0.1/8"} }, "allow: \"10.0.0.1/8\" has host bits set"},
+		{func(c *Config) { c.MetricsListen = "localhost" }, "metrics_listen: want host:port"},
 	} {
 		c := defaultConfig()
 		tt.change(&c)

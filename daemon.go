@@ -67,6 +67,7 @@ type daemon struct {
 	g         *Greylister
 	dlog      *decisionLog
 	qmail     *server
+	policy    *policyServer // nil unless policy_listen is set
 	frontEnds []frontEnd
 
 	saves, saveFailures     atomic.Uint64
@@ -130,6 +131,15 @@ func (d *daemon) open(set *Settings) error {
 			d.log.Warnf("cannot enlarge the socket receive buffer: %v", err)
 		}
 	}
+	if set.PolicyListen != "" {
+		ln, unixPath, err := listenPolicy(set.PolicyListen, set.PolicyMode)
+		if err != nil {
+			return fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
+		}
+		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, maxConns: set.PolicyMaxConnections,
+			idle: set.PolicyIdleTimeout.Duration, conns: map[net.Conn]struct{}{}}
+		d.frontEnds = append(d.frontEnds, d.policy)
+	}
 	if set.MetricsListen != "" {
 		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
 		if err != nil {
@@ -163,10 +173,14 @@ func (d *daemon) open(set *Settings) error {
 	if err := d.loadState(wl); err != nil {
 		return err
 	}
-	d.qmail.g = d.g
-	d.qmail.allow.Store(set.Allow)
 	d.dlog = newDecisionLog(d.outSink)
-	d.qmail.dlog = d.dlog
+	d.qmail.g, d.qmail.dlog = d.g, d.dlog
+	d.qmail.allow.Store(set.Allow)
+	if d.policy != nil {
+		d.policy.g, d.policy.dlog = d.g, d.dlog
+		d.policy.allow.Store(set.Allow)
+		d.policy.replies.Store(policyRepliesOf(set))
+	}
 	return nil
 }
 
@@ -195,7 +209,9 @@ func (d *daemon) loadState(wl *IPRanges) error {
 	empty := func() {
 		d.table = newTable(shardsFor(set.MaxEntries), set.MaxEntries)
 		d.g = NewGreylister(d.table, set.Policy, wl, d.now)
-		d.snap = &snapshotter{path: set.StateFile, table: d.table, policy: d.g.Policy, now: d.now, warn: d.log.Warnf}
+		d.g.grouping, d.g.normalize = set.Grouping, set.NormalizeSender
+		d.snap = &snapshotter{path: set.StateFile, table: d.table, policy: d.g.Policy, now: d.now, warn: d.log.Warnf,
+			grouping: set.Grouping}
 	}
 	empty()
 	start := time.Now()
@@ -409,6 +425,12 @@ func (d *daemon) reload() (err error) {
 		{"user", old.User, set.User, func() { set.User = old.User }},
 		{"max_entries", old.MaxEntries, set.MaxEntries, func() { set.MaxEntries = old.MaxEntries }},
 		{"metrics_listen", old.MetricsListen, set.MetricsListen, func() { set.MetricsListen = old.MetricsListen }},
+		{"ipv4_prefix", old.IPv4Prefix, set.IPv4Prefix, func() { set.IPv4Prefix, set.Grouping = old.IPv4Prefix, old.Grouping }},
+		{"ipv6_prefix", old.IPv6Prefix, set.IPv6Prefix, func() { set.IPv6Prefix, set.Grouping = old.IPv6Prefix, old.Grouping }},
+		{"normalize_sender", old.NormalizeSender, set.NormalizeSender, func() { set.NormalizeSender = old.NormalizeSender }},
+		{"policy_listen", old.PolicyListen, set.PolicyListen, func() { set.PolicyListen = old.PolicyListen }},
+		{"policy_socket_mode", old.PolicySocketMode, set.PolicySocketMode, func() { set.PolicySocketMode, set.PolicyMode = old.PolicySocketMode, old.PolicyMode }},
+		{"policy_max_connections", old.PolicyMaxConnections, set.PolicyMaxConnections, func() { set.PolicyMaxConnections = old.PolicyMaxConnections }},
 	} {
 		if k.was != k.is {
 			d.log.Warnf("reload: %s changed from %v to %v; it takes effect at the next start", k.key, k.was, k.is)
@@ -417,12 +439,22 @@ func (d *daemon) reload() (err error) {
 	}
 	d.g.SetRules(set.Policy, wl)
 	d.qmail.allow.Store(set.Allow)
+	if d.policy != nil {
+		d.policy.allow.Store(set.Allow)
+		d.policy.replies.Store(policyRepliesOf(set))
+	}
 	d.log.setDebug(set.Debug)
 	d.set = set
 	d.warnIfOpen(set)
 	d.log.Infof("reloaded settings%s: %d whitelist ranges, %d allowed networks, min delay %ds, resend window %ds, known-IP lifetime %ds",
 		fromFile(set), wl.Len(), set.Allow.Len(), set.Policy.MinResendDelay, set.Policy.ResendWindow, set.Policy.KnownIPLifetime)
 	return nil
+}
+
+// policyRepliesOf returns the policy reply settings of set.
+func policyRepliesOf(set *Settings) *policyReplies {
+	text, _ := parseDeferText(set.PolicyDeferText) // checked by resolve
+	return &policyReplies{deferText: text, prepend: set.PolicyPrependHeader}
 }
 
 // fromFile returns " from FILE" when the settings came from a config file.

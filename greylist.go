@@ -118,6 +118,11 @@ type Greylister struct {
 	table *table
 	rules atomic.Pointer[rules]
 	now   func() time.Time
+
+	// Fixed for the Greylister's life: they shape the keys, so changing
+	// them means other keys for the same clients.
+	grouping  addrGrouping
+	normalize bool
 }
 
 // rules are what a reload may change in a Greylister.
@@ -163,12 +168,27 @@ type Client struct {
 	isIP bool
 }
 
-// ParseClient parses the client field of a request. Text that is not an IP
-// address is a valid client keyed by its exact bytes; it never matches the
-// whitelist.
-func ParseClient(raw []byte) Client {
+// ParseClient parses the client field of a request. An IP address is keyed
+// by the network that grouping puts it in, and whitelisted by itself. Text
+// that is not an IP address is a valid client keyed by its exact bytes; it
+// never matches the whitelist.
+func ParseClient(raw []byte, grouping addrGrouping) Client {
 	k, addr, ok := makeClientKey(raw)
+	if ok {
+		if grouped := grouping.group(addr); grouped != addr {
+			k = clientKeyFromAddr(grouped)
+		}
+	}
 	return Client{key: k, addr: addr, isIP: ok}
+}
+
+// ParseClient parses a request's client as g groups addresses.
+func (g *Greylister) ParseClient(raw []byte) Client { return ParseClient(raw, g.grouping) }
+
+// ParseSender parses a request's sender, normalised if g normalises
+// senders; kb holds the normalised text.
+func (g *Greylister) ParseSender(kb *keyBuilder, raw []byte) Sender {
+	return ParseSender(raw, g.normalize, kb)
 }
 
 // checkClient decides the request on its client alone, as steps 2 and 3 of
@@ -208,10 +228,15 @@ var nullSender = []byte(".")
 // ParseSender parses the sender text of a request. The null sender
 // (MAIL FROM:<>) arrives empty; like the Perl daemon, greydaemon treats a
 // sender that is empty or "." once its spaces are removed as null and keys it
-// as ".".
-func ParseSender(raw []byte) Sender {
+// as ".". With normalize, the per-message tags of BATV, SRS and VERP are
+// taken out of the key (normalizeSender), in kb's scratch space.
+func ParseSender(raw []byte, normalize bool, kb *keyBuilder) Sender {
 	if isNullSender(raw) {
 		return Sender{text: nullSender, null: true}
+	}
+	if normalize {
+		kb.sender = normalizeSender(kb.sender[:0], raw)
+		return Sender{text: kb.sender}
 	}
 	return Sender{text: raw}
 }
@@ -241,25 +266,27 @@ func looksLikeVERP(rcpt []byte) bool {
 
 // checkRecipient decides one recipient of a request from client c with
 // sender s, as step 5 of PROTOCOL.md §4 does, and records what it must: a
-// new or stale triplet, and the client as known after a good retry. kb is
-// the caller's scratch space.
-func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, s Sender, rcpt []byte, now uint32) recipientResult {
+// new or stale triplet, and the client as known after a good retry. It
+// also returns the triplet's age in seconds (0 for a new or restarted
+// one). kb is the caller's scratch space.
+func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, s Sender, rcpt []byte, now uint32) (recipientResult, uint32) {
 	if s.null && looksLikeVERP(rcpt) {
-		return rcptBounce
+		return rcptBounce, 0
 	}
 	r := g.rules.Load()
 	exp := r.expiry
 	k := kb.triplet(c.key, s.text, rcpt)
-	switch g.table.observeTriplet(k, now, r.policy.MinResendDelay, r.policy.ResendWindow, exp) {
+	state, first := g.table.observeTriplet(k, now, r.policy.MinResendDelay, r.policy.ResendWindow, exp)
+	switch state {
 	case greyTooSoon:
-		return rcptTooSoon
+		return rcptTooSoon, age(now, first)
 	case greyRetryOK:
 		g.table.markKnown(c.key, now, exp)
-		return rcptRetryOK
+		return rcptRetryOK, age(now, first)
 	case greyStale:
-		return rcptStale
+		return rcptStale, 0
 	default:
-		return rcptNew
+		return rcptNew, 0
 	}
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/binary"
 	"net/netip"
 	"unsafe"
@@ -113,7 +114,8 @@ func appendTripletText(dst []byte, client clientKey, sender, rcpt []byte) []byte
 // building a key does not allocate once the buffer has grown. A keyBuilder is
 // owned by one goroutine.
 type keyBuilder struct {
-	buf []byte
+	buf    []byte
+	sender []byte // a normalised sender
 }
 
 // triplet returns the key of the triplet (client, sender, rcpt).
@@ -139,4 +141,205 @@ func mix64(x uint64) uint64 {
 	x *= 0x94d049bb133111eb
 	x ^= x >> 31
 	return x
+}
+
+// An addrGrouping maps client addresses to the network they are keyed by:
+// big senders retry from another address of the same pool, and with a /24
+// or a /64 such a retry still counts. The whitelist still sees the exact
+// address. The zero addrGrouping keys every address by itself.
+type addrGrouping struct {
+	v4Bits, v6Bits int // prefix lengths; 0 means the whole address
+}
+
+// group returns the first address of the network addr belongs to.
+func (a addrGrouping) group(addr netip.Addr) netip.Addr {
+	bits := a.v6Bits
+	if addr.Is4() {
+		bits = a.v4Bits
+	}
+	if bits == 0 || bits >= addr.BitLen() {
+		return addr
+	}
+	p, err := addr.Prefix(bits)
+	if err != nil {
+		return addr
+	}
+	return p.Addr()
+}
+
+// normalizeSender appends to dst the sender s with the per-message parts
+// that big senders and mailing lists add taken out, so that a retry with a
+// fresh tag has the key of the first attempt:
+//
+//   - BATV (prvs=tag=user@, msprvs1=tag=user@): the tag goes;
+//   - SRS (SRS0=hash=tt=domain=local@forwarder, and SRS1 with its chain):
+//     the original sender, local@domain, comes back;
+//   - in what remains of the local part, every run of 3 or more decimal
+//     digits, and every run of 8 or more hexadecimal digits holding at
+//     least one decimal digit, becomes "#" (VERP bounce addresses, list
+//     and ESP message numbers and ids).
+//
+// Letters are compared without regard to case; the result keeps s's case
+// (the key lowercases it later). It does not allocate once dst has room.
+func normalizeSender(dst, s []byte) []byte {
+	at := bytes.LastIndexByte(s, '@')
+	if at < 0 {
+		return append(dst, s...)
+	}
+	local, domain := s[:at], s[at:] // domain keeps its '@'
+	if l, d, ok := srsOriginal(local); ok {
+		local, domain = l, d
+		dst = collapseDigitRuns(dst, local)
+		dst = append(dst, '@')
+		return append(dst, domain...)
+	}
+	local = stripBATV(local)
+	dst = collapseDigitRuns(dst, local)
+	return append(dst, domain...)
+}
+
+// srsOriginal returns the original local part and domain of an SRS local
+// part (SRS0=HHH=TT=domain=local or SRS1=HHH=forwarder=[=]HHH=TT=domain=local,
+// with '=', '+' or '-' after the SRS0/SRS1 tag).
+func srsOriginal(local []byte) (origLocal, origDomain []byte, ok bool) {
+	if len(local) < 5 || !hasPrefixFold(local, "srs") || (local[3] != '0' && local[3] != '1') {
+		return nil, nil, false
+	}
+	if c := local[4]; c != '=' && c != '+' && c != '-' {
+		return nil, nil, false
+	}
+	rest := local[5:]
+	if local[3] == '1' {
+		// SRS1=HHH=forwarder==HHH=TT=domain=local: the original SRS0 part
+		// follows the "==".
+		i := bytes.Index(rest, []byte("=="))
+		if i < 0 {
+			return nil, nil, false
+		}
+		rest = rest[i+2:]
+	}
+	// HHH=TT=domain=local
+	for range 2 {
+		i := bytes.IndexByte(rest, '=')
+		if i < 0 {
+			return nil, nil, false
+		}
+		rest = rest[i+1:]
+	}
+	i := bytes.IndexByte(rest, '=')
+	if i <= 0 || i == len(rest)-1 {
+		return nil, nil, false
+	}
+	return rest[i+1:], rest[:i], true
+}
+
+// stripBATV returns local without a BATV tag: "prvs=TAG=user" (the
+// standard form) and "prvs=user=TAG" (an early draft's) give "user", where
+// TAG is a key digit, three day digits and six hex digits; "msprvs1=" is
+// Microsoft's tag prefix for the same.
+func stripBATV(local []byte) []byte {
+	var rest []byte
+	switch {
+	case hasPrefixFold(local, "prvs="):
+		rest = local[5:]
+	case hasPrefixFold(local, "msprvs1="):
+		rest = local[8:]
+	default:
+		return local
+	}
+	i := bytes.IndexByte(rest, '=')
+	if i < 0 {
+		return local
+	}
+	first, second := rest[:i], rest[i+1:]
+	switch {
+	case isBATVTag(first) && len(second) > 0:
+		return second
+	case isBATVTag(second) && len(first) > 0:
+		return first
+	case hasPrefixFold(local, "msprvs1=") && len(second) > 0:
+		return second // Microsoft's tags are not always the standard's shape
+	}
+	return local
+}
+
+// isBATVTag reports whether b has the shape of a BATV prvs tag: one key
+// digit, three day digits, six hex digits.
+func isBATVTag(b []byte) bool {
+	if len(b) != 10 {
+		return false
+	}
+	for i, c := range b {
+		switch {
+		case '0' <= c && c <= '9':
+		case i >= 4 && ('a' <= c|0x20 && c|0x20 <= 'f'):
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// collapseDigitRuns appends local to dst with every run of 3 or more
+// decimal digits, and every run of 8 or more hex digits that holds a
+// decimal digit, replaced by '#'.
+func collapseDigitRuns(dst, local []byte) []byte {
+	for i := 0; i < len(local); {
+		if !isHexDigit(local[i]) {
+			dst = append(dst, local[i])
+			i++
+			continue
+		}
+		j, digits := i, 0
+		for ; j < len(local) && isHexDigit(local[j]); j++ {
+			if local[j] <= '9' {
+				digits++
+			}
+		}
+		if j-i >= 8 && digits > 0 {
+			dst = append(dst, '#')
+			i = j
+			continue
+		}
+		// A shorter hex run (or one without digits): collapse only its
+		// decimal runs.
+		for k := i; k < j; {
+			if local[k] > '9' {
+				dst = append(dst, local[k])
+				k++
+				continue
+			}
+			m := k
+			for m < j && local[m] <= '9' {
+				m++
+			}
+			if m-k >= 3 {
+				dst = append(dst, '#')
+			} else {
+				dst = append(dst, local[k:m]...)
+			}
+			k = m
+		}
+		i = j
+	}
+	return dst
+}
+
+// isHexDigit reports whether c is 0-9, a-f or A-F.
+func isHexDigit(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c|0x20 && c|0x20 <= 'f'
+}
+
+// hasPrefixFold reports whether b starts with the lowercase ASCII prefix,
+// ignoring case.
+func hasPrefixFold(b []byte, prefix string) bool {
+	if len(b) < len(prefix) {
+		return false
+	}
+	for i := range len(prefix) {
+		if b[i]|0x20 != prefix[i] {
+			return false
+		}
+	}
+	return true
 }

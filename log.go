@@ -60,11 +60,25 @@ func appendLogLine(dst []byte, peer netip.AddrPort, event string, request []byte
 	dst = append(dst, ' ')
 	dst = append(dst, event...)
 	dst = append(dst, ' ')
-	shown := request[:min(len(request), maxLoggedRequest)]
+	dst = appendShown(dst, request, maxLoggedRequest, true)
+	return append(dst, '\n')
+}
+
+// appendEscaped appends b to dst as appendLogLine shows a request, NUL
+// escaped too, cut at limit bytes.
+func appendEscaped(dst, b []byte, limit int) []byte {
+	return appendShown(dst, b, limit, false)
+}
+
+// appendShown appends b to dst with control bytes (NUL as a space when
+// nulAsSpace) and bytes that are not valid UTF-8 escaped as \xNN, cut at
+// limit bytes with a note of how many more there were.
+func appendShown(dst, b []byte, limit int, nulAsSpace bool) []byte {
+	shown := b[:min(len(b), limit)]
 	for len(shown) > 0 {
 		c := shown[0]
 		switch {
-		case c == 0:
+		case c == 0 && nulAsSpace:
 			dst = append(dst, ' ')
 		case c < 0x20 || c == 0x7f:
 			dst = appendHexEscape(dst, c)
@@ -83,12 +97,12 @@ func appendLogLine(dst []byte, peer netip.AddrPort, event string, request []byte
 		}
 		shown = shown[1:]
 	}
-	if cut := len(request) - maxLoggedRequest; cut > 0 {
+	if cut := len(b) - limit; cut > 0 {
 		dst = append(dst, " ...["...)
 		dst = strconv.AppendInt(dst, int64(cut), 10)
 		dst = append(dst, " more bytes]"...)
 	}
-	return append(dst, '\n')
+	return dst
 }
 
 // appendHexEscape appends \xNN for c.

@@ -53,12 +53,12 @@ func lookupCommand(args []string, w io.Writer, now func() time.Time) error {
 		return fmt.Errorf("%w: lookup takes IP, or IP SENDER RECIPIENT", errUsage)
 	}
 
-	client := ParseClient([]byte(pos[0]))
+	client := ParseClient([]byte(pos[0]), addrGrouping{v4Bits: c.IPv4Prefix, v6Bits: c.IPv6Prefix})
 	var triplet tripletKey
 	var sender Sender
 	if len(pos) == 3 {
-		sender = ParseSender([]byte(pos[1]))
 		var kb keyBuilder
+		sender = ParseSender([]byte(pos[1]), c.NormalizeSender, &kb)
 		triplet = kb.triplet(client.key, sender.text, []byte(pos[2]))
 	}
 	var known, grey uint32

@@ -78,7 +78,7 @@ func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, erro
 		return 0, err
 	}
 	now := g.clock()
-	client := ParseClient(req.client)
+	client := g.ParseClient(req.client)
 	if v, done := g.checkClient(client, now); done {
 		return v, nil
 	}
@@ -86,7 +86,7 @@ func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, erro
 	if err != nil {
 		return 0, err
 	}
-	sender := ParseSender(senderText)
+	sender := g.ParseSender(kb, senderText)
 	v := AcceptRetried
 	for {
 		rcpt, rest, ok, err := nextRecipient(fields)
@@ -97,7 +97,8 @@ func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, erro
 			return v, nil
 		}
 		var stop bool
-		v, stop = combine(v, g.checkRecipient(kb, client, sender, rcpt, now))
+		result, _ := g.checkRecipient(kb, client, sender, rcpt, now)
+		v, stop = combine(v, result)
 		if stop {
 			return v, nil
 		}

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"net"
 	"net/netip"
@@ -19,10 +20,12 @@ import (
 // Settings are a checked Config and the values derived from it.
 type Settings struct {
 	Config
-	ListenAddr string    // host:port to bind, from Listen
-	Policy     Policy    // the time limits in whole seconds
-	Allow      *IPRanges // networks whose queries are answered; nil: every network
-	Source     Source    // where the values came from
+	ListenAddr string       // host:port to bind, from Listen
+	Policy     Policy       // the time limits in whole seconds
+	Allow      *IPRanges    // networks whose queries are answered; nil: every network
+	Grouping   addrGrouping // how client addresses are keyed
+	PolicyMode fs.FileMode  // the policy socket's mode, from PolicySocketMode
+	Source     Source       // where the values came from
 }
 
 // A Source says where settings came from, so that an error about a value
@@ -114,6 +117,27 @@ func (c *Config) problems() []error {
 	if _, err := parseAllow(c.Allow); err != nil {
 		bad("allow", "%v", err)
 	}
+	if c.IPv4Prefix < 8 || c.IPv4Prefix > 32 {
+		bad("ipv4_prefix", "must be 8 to 32, got %d", c.IPv4Prefix)
+	}
+	if c.IPv6Prefix < 16 || c.IPv6Prefix > 128 {
+		bad("ipv6_prefix", "must be 16 to 128, got %d", c.IPv6Prefix)
+	}
+	if _, err := policyAddress(c.PolicyListen); err != nil {
+		bad("policy_listen", "%v", err)
+	}
+	if _, err := parseSocketMode(c.PolicySocketMode); err != nil {
+		bad("policy_socket_mode", "%v", err)
+	}
+	if err := checkDeferText(c.PolicyDeferText); err != nil {
+		bad("policy_defer_text", "%v", err)
+	}
+	if c.PolicyMaxConnections < 1 || c.PolicyMaxConnections > 100_000 {
+		bad("policy_max_connections", "must be 1 to 100000, got %d", c.PolicyMaxConnections)
+	}
+	if c.PolicyIdleTimeout.Duration < time.Second || c.PolicyIdleTimeout.Duration > maxDuration {
+		bad("policy_idle_timeout", "must be at least 1s, got %q", c.PolicyIdleTimeout.Duration)
+	}
 	if c.MetricsListen != "" {
 		if _, port, err := net.SplitHostPort(c.MetricsListen); err != nil {
 			bad("metrics_listen", "want host:port, got %q", c.MetricsListen)
@@ -145,9 +169,12 @@ func resolve(c Config, src Source) (*Settings, error) {
 	}
 	addr, _ := listenAddress(c.Listen)
 	allow, _ := parseAllow(c.Allow)
+	mode, _ := parseSocketMode(c.PolicySocketMode)
 	return &Settings{
 		Config:     c,
 		ListenAddr: addr,
+		Grouping:   addrGrouping{v4Bits: c.IPv4Prefix, v6Bits: c.IPv6Prefix},
+		PolicyMode: mode,
 		Policy: Policy{
 			KnownIPLifetime: ceilSeconds(c.KnownIPLifetime.Duration),
 			ResendWindow:    ceilSeconds(c.ResendWindow.Duration),
@@ -167,6 +194,15 @@ func ceilSeconds(d time.Duration) uint32 {
 		return math.MaxUint32 - 1
 	}
 	return uint32(max(s, 0))
+}
+
+// parseSocketMode parses an octal file mode such as "0660".
+func parseSocketMode(s string) (fs.FileMode, error) {
+	n, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || n > 0o777 {
+		return 0, fmt.Errorf("want an octal mode such as \"0660\", got %q", s)
+	}
+	return fs.FileMode(n), nil
 }
 
 // parseAllow parses the allow list; an empty list gives nil (answer

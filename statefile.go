@@ -33,6 +33,8 @@ type snapshotter struct {
 	keepPerl bool
 	// warn, if set, logs a problem that does not stop a save.
 	warn func(format string, args ...any)
+	// grouping keys loaded known IPs by their network, as requests are.
+	grouping addrGrouping
 
 	scratch snapshotScratch
 }
@@ -262,7 +264,13 @@ func (s *snapshotter) restore(kind int, k [16]byte, t, now uint32) bool {
 		if age(now, t) >= exp.knownLifetime {
 			return false
 		}
-		s.table.restoreKnown(clientKey(k), t, now, exp)
+		ck := clientKey(k)
+		if addr, ok := ck.addr(); ok {
+			// A snapshot written with other prefixes (or none, as every
+			// Perl save file) keys its known IPs by another network.
+			ck = clientKeyFromAddr(s.grouping.group(addr))
+		}
+		s.table.restoreKnown(ck, t, now, exp)
 	case blockGrey:
 		if age(now, t) >= exp.greyLifetime {
 			return false

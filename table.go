@@ -164,8 +164,8 @@ const (
 // observeTriplet looks the triplet up and updates it as the Perl daemon
 // does: an unknown triplet is recorded with first-seen now; one older than
 // window is restarted at now; any other is left as it is. It returns what it
-// found.
-func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp expiry) greyState {
+// found and the triplet's first-seen time (now for a new or restarted one).
+func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp expiry) (greyState, uint32) {
 	s := t.shardFor(k.shardHash())
 	// Retries that change nothing (too soon, good) need only the read lock.
 	s.mu.RLock()
@@ -173,14 +173,15 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 	s.mu.RUnlock()
 	if a := age(now, first); ok && a < window {
 		if a < minDelay {
-			return greyTooSoon
+			return greyTooSoon, first
 		}
-		return greyRetryOK
+		return greyRetryOK, first
 	}
 	var evicted int
 	state := greyNew
 	s.mu.Lock()
 	first, ok = s.grey[k]
+	seen := now
 	switch a := age(now, first); {
 	case !ok:
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
@@ -189,9 +190,9 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 			s.peakGrey = n
 		}
 	case a < minDelay:
-		state = greyTooSoon
+		state, seen = greyTooSoon, first
 	case a < window:
-		state = greyRetryOK
+		state, seen = greyRetryOK, first
 	default:
 		s.grey[k] = now
 		state = greyStale
@@ -200,7 +201,7 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 	if evicted > 0 {
 		t.evicted.Add(uint64(evicted))
 	}
-	return state
+	return state, seen
 }
 
 // age returns now-then in seconds, or 0 if the clock went backwards.

@@ -57,10 +57,10 @@ func TestTableCapEvictsGreyBeforeKnown(t *testing.T) {
 		t.Fatal("evictions were not counted")
 	}
 	// The newest triplet is held, the oldest is gone.
-	if st := tb.observeTriplet(tkey(19_999), now+200, 300, 43200, testExpiry); st != greyTooSoon {
+	if st, _ := tb.observeTriplet(tkey(19_999), now+200, 300, 43200, testExpiry); st != greyTooSoon {
 		t.Errorf("newest triplet: state %d, want held (too soon)", st)
 	}
-	if st := tb.observeTriplet(tkey(0), now+200, 300, 43200, testExpiry); st != greyNew {
+	if st, _ := tb.observeTriplet(tkey(0), now+200, 300, 43200, testExpiry); st != greyNew {
 		t.Errorf("oldest triplet: state %d, want evicted (new)", st)
 	}
 }
@@ -166,7 +166,7 @@ func FuzzTableModel(f *testing.F) {
 				now += uint32(arg) * 97
 			case 1: // a triplet is seen
 				k := tkey(uint64(arg % 16))
-				got := tb.observeTriplet(k, now, minDelay, window, testExpiry)
+				got, gotFirst := tb.observeTriplet(k, now, minDelay, window, testExpiry)
 				want := greyNew
 				if first, ok := modelGrey[k]; !ok {
 					modelGrey[k] = now
@@ -177,8 +177,8 @@ func FuzzTableModel(f *testing.F) {
 				} else {
 					want, modelGrey[k] = greyStale, now
 				}
-				if got != want {
-					t.Fatalf("triplet %d at %d: got %d, want %d", arg%16, now, got, want)
+				if got != want || gotFirst != modelGrey[k] {
+					t.Fatalf("triplet %d at %d: got %d first seen %d, want %d first seen %d", arg%16, now, got, gotFirst, want, modelGrey[k])
 				}
 			case 2: // a client becomes known
 				k := ckey(uint32(arg % 8))
@@ -274,7 +274,7 @@ func TestCapAfterFlood(t *testing.T) {
 		}
 		inserted := 50
 		for i := range uint64(5 * maxEntries) {
-			if tb.observeTriplet(tkey(i), now, 300, 43200, testExpiry) == greyNew {
+			if st, _ := tb.observeTriplet(tkey(i), now, 300, 43200, testExpiry); st == greyNew {
 				inserted++
 			}
 		}
