@@ -398,8 +398,9 @@ func (p *policyServer) serveConn(c net.Conn, counts *policyCounts) {
 	idleUntil := time.Time{}
 	for {
 		// A deadline set once per idle period, not per line: setting one
-		// costs a timer update.
-		if now := time.Now(); now.After(idleUntil.Add(-p.idle / 2)) {
+		// costs a timer update. Checked between requests only.
+		if pc.req.size > 0 {
+		} else if now := time.Now(); now.After(idleUntil.Add(-p.idle / 2)) {
 			idleUntil = now.Add(p.idle)
 			p.mu.Lock() // so as not to undo Close's deadline
 			closing := p.closing

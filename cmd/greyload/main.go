@@ -1,4 +1,5 @@
-// Greyload is a load generator for greydaemon's qmail UDP protocol.
+// Greyload is a load generator for greydaemon's qmail UDP protocol and its
+// Postfix policy protocol (policy.go).
 //
 // Usage:
 //
@@ -51,6 +52,10 @@ func main() {
 		err = runNull(os.Args[2:])
 	case "fill":
 		err = runFill(os.Args[2:])
+	case "policy":
+		err = runPolicy(os.Args[2:])
+	case "nullpolicy":
+		err = runNullPolicy(os.Args[2:])
 	default:
 		usage()
 	}
@@ -61,7 +66,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: greyload run|null|fill [flags]   (greyload CMD -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: greyload run|null|fill|policy|nullpolicy [flags]   (greyload CMD -h for flags)")
 	os.Exit(2)
 }
 

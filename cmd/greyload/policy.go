@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// This file is greyload's Postfix side:
+//
+//	greyload policy     [-addr 127.0.0.1:10023 | -addr unix:/path] [-conns 16] [-duration 10s] [-new 50]
+//	greyload nullpolicy [-listen 127.0.0.1:10024]
+//
+// policy keeps -conns connections with one request in flight each, as
+// Postfix's smtpd processes do, for -duration, and reports requests/s and
+// latency percentiles. -new percent of the requests are new triplets; the
+// rest repeat a triplet of the same connection (retries).
+//
+// nullpolicy answers every policy request with action=DUNNO and does
+// nothing else: the baseline that shows what the machine's TCP path costs.
+
+// policyRequest appends a Postfix policy request for one recipient.
+func policyRequest(dst []byte, client, sender, rcpt string) []byte {
+	dst = append(dst[:0], "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\nclient_address="...)
+	dst = append(dst, client...)
+	dst = append(dst, "\nclient_name=unknown\nhelo_name=load.example\nsender="...)
+	dst = append(dst, sender...)
+	dst = append(dst, "\nrecipient="...)
+	dst = append(dst, rcpt...)
+	dst = append(dst, "\nrecipient_count=0\nqueue_id=\ninstance=1.2.3\nsize=0\n\n"...)
+	return dst
+}
+
+// dialSpec dials "host:port" over TCP or "unix:/path".
+func dialSpec(spec string) (net.Conn, error) {
+	if path, ok := strings.CutPrefix(spec, "unix:"); ok {
+		return net.Dial("unix", path)
+	}
+	return net.Dial("tcp", spec)
+}
+
+func runPolicy(args []string) error {
+	fs := flag.NewFlagSet("policy", flag.ExitOnError)
+	addr := fs.String("addr", "127.0.0.1:10023", "policy server: host:port or unix:/path")
+	conns := fs.Int("conns", 16, "connections, one request in flight each")
+	duration := fs.Duration("duration", 10*time.Second, "how long to send")
+	pNew := fs.Int("new", 50, "percent of requests that are new triplets")
+	fs.Parse(args)
+	runID := time.Now().UnixNano() % 1_000_000
+	var wg sync.WaitGroup
+	results := make([][]time.Duration, *conns)
+	errs := make([]error, *conns)
+	start := time.Now()
+	deadline := start.Add(*duration)
+	for c := range *conns {
+		conn, err := dialSpec(*addr)
+		if err != nil {
+			return err
+		}
+		wg.Go(func() {
+			defer conn.Close()
+			r := bufio.NewReader(conn)
+			var d []byte
+			lat := make([]time.Duration, 0, 1<<16)
+			for i := 0; time.Now().Before(deadline); i++ {
+				k := i
+				if i%100 >= *pNew {
+					k = i % 64 // a retry of one of this connection's first triplets
+				}
+				d = policyRequest(d, fmt.Sprintf("10.%d.%d.1", c, k%200), "load@sender.example",
+					"r"+strconv.Itoa(k)+"-"+strconv.FormatInt(runID, 10)+"@rcpt.example")
+				t0 := time.Now()
+				if _, err := conn.Write(d); err != nil {
+					errs[c] = err
+					return
+				}
+				for {
+					line, err := r.ReadSlice('\n')
+					if err != nil {
+						errs[c] = err
+						return
+					}
+					if len(line) == 1 {
+						break
+					}
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			results[c] = lat
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	var all []time.Duration
+	for _, l := range results {
+		all = append(all, l...)
+	}
+	if len(all) == 0 {
+		return fmt.Errorf("no replies")
+	}
+	slices.Sort(all)
+	pct := func(p float64) time.Duration { return all[min(len(all)-1, int(p*float64(len(all))))] }
+	fmt.Printf("requests/s %.0f  answered %d  p50 %v  p99 %v  p99.9 %v  max %v\n",
+		float64(len(all))/elapsed.Seconds(), len(all), pct(0.5), pct(0.99), pct(0.999), all[len(all)-1])
+	return nil
+}
+
+func runNullPolicy(args []string) error {
+	fs := flag.NewFlagSet("nullpolicy", flag.ExitOnError)
+	listen := fs.String("listen", "127.0.0.1:10024", "address to answer on")
+	fs.Parse(args)
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "nullpolicy: listening on %s\n", ln.Addr())
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			r := bufio.NewReader(c)
+			w := bufio.NewWriter(c)
+			for {
+				line, err := r.ReadSlice('\n')
+				if err != nil {
+					return
+				}
+				if len(bytes.TrimRight(line, "\r\n")) > 0 {
+					continue
+				}
+				w.WriteString("action=DUNNO\n\n")
+				if r.Buffered() == 0 {
+					if w.Flush() != nil {
+						return
+					}
+				}
+			}
+		}()
+	}
+}
