@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -20,13 +19,18 @@ import (
 //	<peer-ip>:<peer-port> <event> <request with NULs as spaces>
 //
 // Lines are buffered and flushed at least once a second and at shutdown,
-// so logging costs one short critical section per request, not a write
-// system call. Lines for malformed requests are rate-limited, since anybody
-// can send garbage. A decisionLog is safe for concurrent use. It writes
-// through a lossySink, so a stdout that cannot be written never stops it.
+// so logging costs a short critical section per request, not a write
+// system call. The buffer is split in logShards parts, each with its own
+// lock, and each reader or connection writes to one of them, so that many
+// connections do not queue on one lock; lines stay whole, and one
+// connection's lines stay in order. Lines for malformed requests are
+// rate-limited, since anybody can send garbage. A decisionLog is safe for
+// concurrent use. It writes to a lossySink, so a stdout that cannot be
+// written never stops it.
 type decisionLog struct {
-	mu sync.Mutex
-	w  *bufio.Writer
+	mu     sync.Mutex // the writer and the malformed-line limit
+	w      io.Writer
+	shards [logShards]logShard
 
 	// Malformed-request lines: at most badPerSecond per second.
 	badSecond     int64
@@ -35,10 +39,28 @@ type decisionLog struct {
 	badDropped    uint64 // since start
 }
 
+// logShards is how many parts a decisionLog's buffer has.
+const logShards = 16
+
+// A logShard is one part of a decisionLog's buffer.
+type logShard struct {
+	mu  sync.Mutex
+	buf []byte
+	_   [40]byte // keeps two shards' locks off one cache line
+}
+
 const badPerSecond = 5
 
+// logShardSize is each shard's buffer: lines are written out when it is
+// full, or by the once-a-second flush.
+const logShardSize = 16 << 10
+
 func newDecisionLog(w io.Writer) *decisionLog {
-	return &decisionLog{w: bufio.NewWriterSize(w, 64<<10)}
+	l := &decisionLog{w: w}
+	for i := range l.shards {
+		l.shards[i].buf = make([]byte, 0, logShardSize)
+	}
+	return l
 }
 
 // maxLoggedRequest is how much of a request a log line shows. Ordinary
@@ -111,34 +133,57 @@ func appendHexEscape(dst []byte, c byte) []byte {
 	return append(dst, '\\', 'x', hex[c>>4], hex[c&15])
 }
 
-// write writes one complete line.
-func (l *decisionLog) write(line []byte) {
+// write writes one complete line through shard (any number; each writer
+// keeps to one).
+func (l *decisionLog) write(shard int, line []byte) {
+	s := &l.shards[uint(shard)%logShards]
+	s.mu.Lock()
+	if len(s.buf)+len(line) > cap(s.buf) {
+		l.writeOut(s.buf)
+		s.buf = s.buf[:0]
+	}
+	if len(line) > cap(s.buf) {
+		l.writeOut(line) // a line larger than a buffer: cannot happen with bounded lines
+	} else {
+		s.buf = append(s.buf, line...)
+	}
+	s.mu.Unlock()
+}
+
+// writeOut writes whole lines to the writer.
+func (l *decisionLog) writeOut(b []byte) {
 	l.mu.Lock()
-	l.w.Write(line)
+	l.w.Write(b)
 	l.mu.Unlock()
 }
 
 // allowBad reports whether a line for a malformed request received at now
-// may be logged. When a new second starts after lines were suppressed, it
-// first writes a line saying how many.
-func (l *decisionLog) allowBad(now time.Time) bool {
+// may be logged, through shard. When a new second starts after lines were
+// suppressed, it first writes a line saying how many, through the same
+// shard, so that it follows the lines it counts.
+func (l *decisionLog) allowBad(shard int, now time.Time) bool {
 	sec := now.Unix()
 	l.mu.Lock()
-	defer l.mu.Unlock()
+	var suppressed uint64
 	if sec != l.badSecond {
 		l.badSecond, l.badThisSecond = sec, 0
-		if l.badSuppressed > 0 {
-			fmt.Fprintf(l.w, "greydaemon: %d bad requests not logged\n", l.badSuppressed)
-			l.badSuppressed = 0
-		}
+		suppressed, l.badSuppressed = l.badSuppressed, 0
 	}
-	if l.badThisSecond >= badPerSecond {
+	ok := l.badThisSecond < badPerSecond
+	if ok {
+		l.badThisSecond++
+	} else {
 		l.badSuppressed++
 		l.badDropped++
-		return false
 	}
-	l.badThisSecond++
-	return true
+	l.mu.Unlock()
+	if suppressed > 0 {
+		var line [64]byte
+		b := append(line[:0], "greydaemon: "...)
+		b = strconv.AppendUint(b, suppressed, 10)
+		l.write(shard, append(b, " bad requests not logged\n"...))
+	}
+	return ok
 }
 
 // dropped returns how many malformed-request lines were left out since
@@ -151,9 +196,15 @@ func (l *decisionLog) dropped() uint64 {
 
 // flush writes out buffered lines.
 func (l *decisionLog) flush() {
-	l.mu.Lock()
-	l.w.Flush()
-	l.mu.Unlock()
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		if len(s.buf) > 0 {
+			l.writeOut(s.buf)
+			s.buf = s.buf[:0]
+		}
+		s.mu.Unlock()
+	}
 }
 
 // flushEvery flushes the log every interval until ctx is done.

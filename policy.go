@@ -269,7 +269,7 @@ func (p *policyServer) accept(c net.Conn) {
 		p.mu.Unlock()
 		if full {
 			counts.refused.Add(1)
-			if p.dlog.allowBad(p.g.now()) {
+			if p.dlog.allowBad(int(id), p.g.now()) {
 				p.log.Warnf("policy: %d connections open, the most policy_max_connections allows; closing a new one from %s",
 					p.maxConns, c.RemoteAddr())
 			}
@@ -282,7 +282,7 @@ func (p *policyServer) accept(c net.Conn) {
 	p.mu.Unlock()
 	go func() {
 		defer p.wg.Done()
-		p.serveConn(c, counts)
+		p.serveConn(c, counts, int(id))
 		p.mu.Lock()
 		delete(p.conns, c)
 		p.mu.Unlock()
@@ -379,6 +379,7 @@ func (r *policyRequest) add(line []byte) {
 
 // A policyConn is one connection's scratch space.
 type policyConn struct {
+	id    int // picks its log shard
 	req   policyRequest
 	kb    keyBuilder
 	reply []byte
@@ -388,10 +389,10 @@ type policyConn struct {
 
 // serveConn answers the requests of one connection until it closes, goes
 // idle, misbehaves or the server stops.
-func (p *policyServer) serveConn(c net.Conn, counts *policyCounts) {
+func (p *policyServer) serveConn(c net.Conn, counts *policyCounts, id int) {
 	br := bufio.NewReaderSize(c, policyMaxLine)
 	bw := bufio.NewWriterSize(c, 1024)
-	pc := &policyConn{reply: make([]byte, 0, 512), line: make([]byte, 0, 512), logb: make([]byte, 0, 512)}
+	pc := &policyConn{id: id, reply: make([]byte, 0, 512), line: make([]byte, 0, 512), logb: make([]byte, 0, 512)}
 	pc.req.buf = make([]byte, 0, 512)
 	pc.kb.buf = make([]byte, 0, 512)
 	peer := peerOf(c)
@@ -482,7 +483,7 @@ func (p *policyServer) decide(pc *policyConn, counts *policyCounts, peer string)
 	counts.verdicts[v.index()].Add(1)
 	if p.dlog != nil {
 		pc.logb = appendPolicyLogLine(pc.logb[:0], peer, v.Event(), client, sender, rcpt)
-		p.dlog.write(pc.logb)
+		p.dlog.write(pc.id, pc.logb)
 	}
 	replies := p.replies.Load()
 	out := append(pc.reply[:0], "action="...)
@@ -507,11 +508,11 @@ func (p *policyServer) decide(pc *policyConn, counts *policyCounts, peer string)
 // bad counts a malformed request or connection and logs it, rate-limited.
 func (p *policyServer) bad(pc *policyConn, counts *policyCounts, peer, what string) {
 	counts.malformed.Add(1)
-	if p.dlog != nil && p.dlog.allowBad(p.g.now()) {
+	if p.dlog != nil && p.dlog.allowBad(pc.id, p.g.now()) {
 		r := &pc.req
 		pc.logb = appendPolicyLogLine(pc.logb[:0], peer, "bad req "+what,
 			r.get(r.client, attrClient), r.get(r.sender, attrSender), r.get(r.rcpt, attrRecipient))
-		p.dlog.write(pc.logb)
+		p.dlog.write(pc.id, pc.logb)
 	}
 }
 

@@ -349,7 +349,7 @@ func FuzzPolicyConnection(f *testing.F) {
 		server, client := socketPair(t)
 		done := make(chan struct{})
 		go func() {
-			p.serveConn(server, &p.stripes[0])
+			p.serveConn(server, &p.stripes[0], 0)
 			server.Close()
 			close(done)
 		}()

@@ -50,6 +50,7 @@ type worker struct {
 	line   []byte
 	kb     keyBuilder
 	counts workerCounts
+	id     int      // its place among the server's workers; picks its log shard
 	_      [64]byte // keeps the next worker's counters off this cache line
 }
 
@@ -65,6 +66,7 @@ func newWorker() *worker {
 func (s *server) newWorker() *worker {
 	w := newWorker()
 	s.mu.Lock()
+	w.id = len(s.workers)
 	s.workers = append(s.workers, w)
 	s.mu.Unlock()
 	return w
@@ -252,7 +254,7 @@ func (s *server) handle(w *worker, datagram []byte, peer netip.AddrPort) []byte 
 	w.counts.verdicts[v.index()].Add(1)
 	if s.dlog != nil {
 		w.line = appendLogLine(w.line[:0], peer, v.Event(), datagram)
-		s.dlog.write(w.line)
+		s.dlog.write(w.id, w.line)
 	}
 	w.reply = appendReply(w.reply[:0], v)
 	return w.reply
@@ -272,8 +274,8 @@ func (s *server) allowed(w *worker, peer netip.AddrPort) bool {
 // malformed counts a malformed datagram and logs it, rate-limited.
 func (s *server) malformed(w *worker, datagram []byte, peer netip.AddrPort, event string) {
 	w.counts.malformed.Add(1)
-	if s.dlog != nil && s.dlog.allowBad(s.g.now()) {
+	if s.dlog != nil && s.dlog.allowBad(w.id, s.g.now()) {
 		w.line = appendLogLine(w.line[:0], peer, event, datagram)
-		s.dlog.write(w.line)
+		s.dlog.write(w.id, w.line)
 	}
 }
