@@ -46,10 +46,19 @@ half=$((g / 2))
 echo "--- latency at half that rate ($half requests/s)"
 grey -rate "$half"
 
-echo "--- memory: 1,000,000 unique triplets"
+echo "--- memory: 1,000,000 unique triplets, after a fill and after a restart"
 rm -f "$tmp/state"*
 "$tmp/greydaemon" 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
 pid=$!
 sleep 0.3
+base=$(awk '/^VmRSS/ {print $2}' /proc/$pid/status)
 "$tmp/greyload" fill -addr 127.0.0.1:29990 -pid $pid -n 1000000
+kill $pid; wait $pid 2>/dev/null || true # SIGTERM: saves
+"$tmp/greydaemon" 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
+pid=$!
+for at in 1 10 30; do
+  sleep $((at == 1 ? 1 : at == 10 ? 9 : 20))
+  rss=$(awk '/^VmRSS/ {print $2}' /proc/$pid/status)
+  echo "after a restart, ${at} s: RSS $rss KiB: $(( (rss - base) * 1024 / 1000000 )) bytes per triplet (over a fresh daemon's $base KiB)"
+done
 kill $pid; wait $pid 2>/dev/null || true
