@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -204,21 +203,16 @@ func TestServingAllocatesNothingOnAnySocket(t *testing.T) {
 		}
 	}
 	// No runtime.GC() here: a collection empties the runtime's cache of
-	// wait-queue entries, which readers queued on a socket's read lock
-	// then allocate again, a few times per collection (not per request).
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	const rounds = 500
-	for range rounds {
-		for _, c := range conns {
-			roundTrip(c, known)
-			roundTrip(c, grey)
+	// wait-queue entries, which it then fills again.
+	const rounds = 250
+	requireNoAllocations(t, rounds*len(conns)*2, func() {
+		for range rounds {
+			for _, c := range conns {
+				roundTrip(c, known)
+				roundTrip(c, grey)
+			}
 		}
-	}
-	runtime.ReadMemStats(&after)
-	if n := after.Mallocs - before.Mallocs; n != 0 {
-		t.Errorf("%d heap allocations in the process over %d requests, want 0", n, rounds*len(conns)*2)
-	}
+	})
 	var st Stats
 	td.UpdateStats(&st)
 	busy := 0

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -190,4 +191,28 @@ func activatedChildCmd(f *os.File) *exec.Cmd {
 	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -test.run='^$'`, os.Args[0])
 	cmd.ExtraFiles = []*os.File{f}
 	return cmd
+}
+
+// requireNoAllocations runs work, which sends many requests, in up to
+// three windows and counts the process's heap allocations in each
+// (runtime.MemStats.Mallocs, which does not round down as
+// testing.AllocsPerRun does). A window without any passes. An allocation
+// per request, or one per thousand, shows in every window; what the Go
+// runtime allocates for itself once in a while (a new thread, a wait-queue
+// entry, the race detector's bookkeeping) does not.
+func requireNoAllocations(t *testing.T, requests int, work func()) {
+	t.Helper()
+	fewest := ^uint64(0)
+	for range 3 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		work()
+		runtime.ReadMemStats(&after)
+		n := after.Mallocs - before.Mallocs
+		if n == 0 {
+			return
+		}
+		fewest = min(fewest, n)
+	}
+	t.Errorf("at least %d heap allocations in the process over %d requests, in each of 3 tries; want 0", fewest, requests)
 }
