@@ -1,11 +1,12 @@
-// Greydaemon is a greylisting daemon for qmail, a drop-in replacement for
-// John Levine's Perl greydaemon.
+// Greydaemon is a greylisting daemon for qmail and Postfix, a drop-in
+// replacement for John Levine's Perl greydaemon.
 //
 // Patched qmail-smtpd sends one UDP datagram per message at DATA with the
 // client IP, the envelope sender and the recipients, and reads a 2-byte
 // verdict: greylist (450) or accept. Greydaemon takes the Perl daemon's
 // command line and save file, answers as it does (see PROTOCOL.md), and keeps
-// its state in a sharded in-memory table that it snapshots to disk.
+// its state in a sharded in-memory table that it snapshots to disk. It also
+// answers Postfix's policy delegation protocol on the same table.
 //
 // Usage:
 //
