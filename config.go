@@ -44,6 +44,14 @@ type Config struct {
 	PolicyPrependHeader  bool     `toml:"policy_prepend_header"`  // X-Greylist header on mail that passed after a retry
 	PolicyMaxConnections int      `toml:"policy_max_connections"` // connections served at once
 	PolicyIdleTimeout    Duration `toml:"policy_idle_timeout"`    // a connection idle this long is closed
+
+	// Shared state in Redis (redis.go).
+	RedisURL       string   `toml:"redis_url"`       // redis://[user:pass@]host:port/db or rediss://; empty: off
+	RedisSentinels []string `toml:"redis_sentinels"` // host:port of Sentinels, instead of redis_url
+	RedisMaster    string   `toml:"redis_master"`    // the Sentinels' name for the master
+	RedisPrefix    string   `toml:"redis_prefix"`    // before every key
+	RedisTimeout   Duration `toml:"redis_timeout"`   // deadline of each call
+	RedisFallback  string   `toml:"redis_fallback"`  // local, accept or tempfail when Redis cannot answer
 }
 
 // The defaults, the Perl daemon's where it has one.
@@ -57,6 +65,13 @@ const (
 	defaultResendWindow = 12 * time.Hour
 	defaultMinDelay     = 5 * time.Minute
 	defaultDeferText    = "Greylisted, please try again in %s seconds"
+)
+
+// The values of redis_fallback: what decides when Redis cannot answer.
+const (
+	fallbackLocal    = "local"    // this daemon's own table
+	fallbackAccept   = "accept"   // let the mail through
+	fallbackTempfail = "tempfail" // greylist it
 )
 
 // defaultConfig returns the settings used when neither file nor flags say
@@ -78,6 +93,10 @@ func defaultConfig() Config {
 		PolicyPrependHeader:  true,
 		PolicyMaxConnections: 256,
 		PolicyIdleTimeout:    Duration{10 * time.Minute},
+
+		RedisPrefix:   "greydaemon:",
+		RedisTimeout:  Duration{250 * time.Millisecond},
+		RedisFallback: fallbackLocal,
 	}
 }
 

@@ -33,6 +33,11 @@ policy_defer_text = "Greylisted for %s s at %r"
 policy_prepend_header = false
 policy_max_connections = 50
 policy_idle_timeout = "1m"
+redis_sentinels = ["127.0.0.1:26379"]
+redis_master = "mymaster"
+redis_prefix = "gd:"
+redis_timeout = "100ms"
+redis_fallback = "tempfail"
 `
 	c := defaultConfig()
 	if err := parseConfig(&c, strings.NewReader(text), "test.toml"); err != nil {
@@ -48,6 +53,8 @@ policy_idle_timeout = "1m"
 		PolicyListen: "unix:/run/greydaemon/policy.sock", PolicySocketMode: "0666",
 		PolicyDeferText: "Greylisted for %s s at %r", PolicyPrependHeader: false,
 		PolicyMaxConnections: 50, PolicyIdleTimeout: Duration{time.Minute},
+		RedisSentinels: []string{"127.0.0.1:26379"}, RedisMaster: "mymaster", RedisPrefix: "gd:",
+		RedisTimeout: Duration{100 * time.Millisecond}, RedisFallback: "tempfail",
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Fatalf("got %+v\nwant %+v", c, want)
@@ -99,6 +106,11 @@ func TestValidate(t *testing.T) {
 		{func(c *Config) { c.PolicyIdleTimeout.Duration = time.Millisecond }, "policy_idle_timeout: must be at least 1s"},
 		{func(c *Config) { c.Allow = []string{"10.0.0.1/8"} }, "allow: \"10.0.0.1/8\" has host bits set"},
 		{func(c *Config) { c.MetricsListen = "localhost" }, "metrics_listen: want host:port"},
+		{func(c *Config) { c.RedisURL = "localhost:6379" }, "redis_url: want redis://"},
+		{func(c *Config) { c.RedisURL, c.RedisSentinels = "redis://x:1", []string{"y:2"} }, "not both"},
+		{func(c *Config) { c.RedisSentinels = []string{"y:2"} }, "redis_master: must name the master"},
+		{func(c *Config) { c.RedisTimeout.Duration = 5 * time.Second }, "redis_timeout: must be 1ms to 3s"},
+		{func(c *Config) { c.RedisFallback = "drop" }, "redis_fallback: must be"},
 	} {
 		c := defaultConfig()
 		tt.change(&c)

@@ -68,6 +68,7 @@ type daemon struct {
 	dlog      *decisionLog
 	qmail     *server
 	policy    *policyServer // nil unless policy_listen is set
+	remote    *redisStore   // nil unless Redis is set
 	frontEnds []frontEnd
 
 	saves, saveFailures     atomic.Uint64
@@ -172,6 +173,13 @@ func (d *daemon) open(set *Settings) error {
 	}
 	if err := d.loadState(wl); err != nil {
 		return err
+	}
+	if set.RedisURL != "" || len(set.RedisSentinels) > 0 {
+		remote, err := newRedisStore(set, d.log)
+		if err != nil {
+			return fmt.Errorf("%s: %w", set.Source.describe("redis_url"), err)
+		}
+		d.g.remote, d.remote = remote, remote
 	}
 	// Loading leaves garbage behind (the file's bytes, maps outgrown as they
 	// filled); the runtime would give its pages back to the kernel only
@@ -351,6 +359,9 @@ func (d *daemon) shutdown(frontEnds *sync.WaitGroup, stopBackground func(), back
 		fe.Close()
 	}
 	frontEnds.Wait()
+	if d.remote != nil {
+		d.remote.close()
+	}
 	stopBackground()
 	background.Wait()
 	saveErr := d.save("shutdown")
@@ -435,6 +446,10 @@ func (d *daemon) reload() (err error) {
 		{"normalize_sender", old.NormalizeSender, set.NormalizeSender, func() { set.NormalizeSender = old.NormalizeSender }},
 		{"policy_listen", old.PolicyListen, set.PolicyListen, func() { set.PolicyListen = old.PolicyListen }},
 		{"policy_socket_mode", old.PolicySocketMode, set.PolicySocketMode, func() { set.PolicySocketMode, set.PolicyMode = old.PolicySocketMode, old.PolicyMode }},
+		{"redis_url", old.RedisURL, set.RedisURL, func() { set.RedisURL = old.RedisURL }},
+		{"redis_master", old.RedisMaster, set.RedisMaster, func() { set.RedisMaster = old.RedisMaster }},
+		{"redis_prefix", old.RedisPrefix, set.RedisPrefix, func() { set.RedisPrefix = old.RedisPrefix }},
+		{"redis_fallback", old.RedisFallback, set.RedisFallback, func() { set.RedisFallback = old.RedisFallback }},
 		{"policy_max_connections", old.PolicyMaxConnections, set.PolicyMaxConnections, func() { set.PolicyMaxConnections = old.PolicyMaxConnections }},
 	} {
 		if k.was != k.is {
@@ -506,4 +521,8 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
 	st.BadLinesNotLogged = d.dlog.dropped()
 	st.StdoutLinesLost, st.StderrLinesLost = d.outSink.lost.Load(), d.errSink.lost.Load()
+	if r := d.remote; r != nil {
+		st.Redis, st.RedisUp = true, r.client.Load() != nil && !r.down.Load()
+		st.RedisCalls, st.RedisFailures, st.Fallbacks = r.calls.Load(), r.failures.Load(), r.fallbacks.Load()
+	}
 }

@@ -123,6 +123,22 @@ type Greylister struct {
 	// them means other keys for the same clients.
 	grouping  addrGrouping
 	normalize bool
+	// remote, if set, decides in a store shared with other daemons
+	// (Redis, redis.go).
+	remote remoteDecider
+}
+
+// A remoteDecider decides requests in a store shared with other daemons.
+type remoteDecider interface {
+	// decide decides a request from client whose recipients before a
+	// bounce-rule one have the given triplet keys, bounce saying whether
+	// one ended it and malformed whether a bad field did. It returns the
+	// verdict (0: malformed) and the last triplet's age, or an error when
+	// the store could not answer.
+	decide(client clientKey, triplets []tripletKey, bounce, malformed bool, now uint32, p Policy) (Verdict, uint32, error)
+	// fallbackVerdict returns the verdict for a request the store could
+	// not decide, or false to decide it locally.
+	fallbackVerdict() (Verdict, bool)
 }
 
 // rules are what a reload may change in a Greylister.
@@ -331,4 +347,29 @@ func (g *Greylister) sweep(ctx context.Context, interval time.Duration, roundDon
 			deleted = 0
 		}
 	}
+}
+
+// decideRemote decides a request in Redis, as the local decision does:
+// the client c (already not whitelisted), sender s, and the recipients;
+// malformed says that a bad field followed them (triplets before it are
+// still recorded, and a known client is still accepted, as locally). It
+// reports false when Redis could not answer and the fallback is to decide
+// locally; otherwise it returns the verdict (0 for malformed; redis_fallback's
+// when Redis could not answer) and the last triplet's age.
+func (g *Greylister) decideRemote(kb *keyBuilder, c Client, s Sender, rcpts [][]byte, malformed bool, now uint32) (Verdict, uint32, bool) {
+	var triplets []tripletKey
+	bounce := false
+	for _, r := range rcpts {
+		if s.null && looksLikeVERP(r) {
+			bounce, malformed = true, false // the bounce rule ends the request first
+			break
+		}
+		triplets = append(triplets, kb.triplet(c.key, s.text, r))
+	}
+	v, age, err := g.remote.decide(c.key, triplets, bounce, malformed, now, g.Policy())
+	if err == nil {
+		return v, age, true
+	}
+	v, ok := g.remote.fallbackVerdict()
+	return v, 0, ok
 }

@@ -116,6 +116,12 @@ var (
 		"Malformed-request log lines left out by the rate limit.", nil, nil)
 	descLogLost = prometheus.NewDesc("greydaemon_log_lines_lost_total",
 		"Log lines that could not be written (a closed pipe, a full disk), by stream.", []string{"stream"}, nil)
+	descRedisUp = prometheus.NewDesc("greydaemon_redis_up",
+		"1 if Redis answered the last call, 0 if decisions go to redis_fallback; absent without Redis.", nil, nil)
+	descRedisCalls = prometheus.NewDesc("greydaemon_redis_calls_total",
+		"Decisions asked of Redis, by result (ok or error).", []string{"result"}, nil)
+	descFallbacks = prometheus.NewDesc("greydaemon_redis_fallback_decisions_total",
+		"Requests decided by redis_fallback because Redis could not answer.", nil, nil)
 	descBuild = prometheus.NewDesc("greydaemon_build_info",
 		"Always 1; the labels describe the running binary.", []string{"version", "revision", "goversion"}, nil)
 )
@@ -131,7 +137,7 @@ func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
 		descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
-		descReloads, descLogDropped, descLogLost, descBuild,
+		descReloads, descLogDropped, descLogLost, descRedisUp, descRedisCalls, descFallbacks, descBuild,
 	} {
 		ch <- d
 	}
@@ -183,6 +189,16 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descLogDropped, st.BadLinesNotLogged)
 	counter(descLogLost, st.StdoutLinesLost, "stdout")
 	counter(descLogLost, st.StderrLinesLost, "stderr")
+	if st.Redis {
+		up := 0.0
+		if st.RedisUp {
+			up = 1
+		}
+		gauge(descRedisUp, up)
+		counter(descRedisCalls, st.RedisCalls-st.RedisFailures, "ok")
+		counter(descRedisCalls, st.RedisFailures, "error")
+		counter(descFallbacks, st.Fallbacks)
+	}
 	b := readBuildInfo()
 	gauge(descBuild, 1, b.version, b.revision, runtime.Version())
 }

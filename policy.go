@@ -380,6 +380,7 @@ func (r *policyRequest) add(line []byte) {
 // A policyConn is one connection's scratch space.
 type policyConn struct {
 	id    int // picks its log shard
+	rcpts [][]byte
 	req   policyRequest
 	kb    keyBuilder
 	reply []byte
@@ -473,8 +474,20 @@ func (p *policyServer) decide(pc *policyConn, counts *policyCounts, peer string)
 	g := p.g
 	now := g.clock()
 	c := g.ParseClient(client)
-	v, done := g.checkClient(c, now)
+	var v Verdict
 	var age uint32
+	done := false
+	if g.remote != nil {
+		if c.isIP && g.rules.Load().whitelist.Contains(c.addr) {
+			v, done = AcceptWhitelisted, true
+		} else {
+			pc.rcpts = append(pc.rcpts[:0], rcpt)
+			v, age, done = g.decideRemote(&pc.kb, c, g.ParseSender(&pc.kb, sender), pc.rcpts, false, now)
+		}
+	}
+	if !done {
+		v, done = g.checkClient(c, now)
+	}
 	if !done {
 		var result recipientResult
 		result, age = g.checkRecipient(&pc.kb, c, g.ParseSender(&pc.kb, sender), rcpt, now)

@@ -79,6 +79,11 @@ func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, erro
 	}
 	now := g.clock()
 	client := g.ParseClient(req.client)
+	if g.remote != nil {
+		if v, ok, err := g.decideQmailRemote(kb, client, req, now); ok {
+			return v, err
+		}
+	}
 	if v, done := g.checkClient(client, now); done {
 		return v, nil
 	}
@@ -109,4 +114,35 @@ func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, erro
 // appendReply appends the 2-byte reply for v to dst.
 func appendReply(dst []byte, v Verdict) []byte {
 	return append(dst, byte(v>>8), byte(v))
+}
+
+// decideQmailRemote decides a qmail request in Redis (redis.go). It reports
+// false when Redis could not answer and the request is to be decided
+// locally.
+func (g *Greylister) decideQmailRemote(kb *keyBuilder, client Client, req request, now uint32) (Verdict, bool, error) {
+	if client.isIP && g.rules.Load().whitelist.Contains(client.addr) {
+		return AcceptWhitelisted, true, nil
+	}
+	var rcpts [][]byte
+	var bad error
+	senderText, fields, err := req.sender()
+	if err != nil {
+		bad = err
+	}
+	for bad == nil {
+		rcpt, rest, ok, err := nextRecipient(fields)
+		if err != nil {
+			bad = err
+		}
+		if !ok {
+			break
+		}
+		rcpts = append(rcpts, rcpt)
+		fields = rest
+	}
+	v, _, ok := g.decideRemote(kb, client, g.ParseSender(kb, senderText), rcpts, bad != nil, now)
+	if ok && v == 0 {
+		return 0, true, bad
+	}
+	return v, ok, nil
 }

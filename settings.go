@@ -138,6 +138,23 @@ func (c *Config) problems() []error {
 	if c.PolicyIdleTimeout.Duration < time.Second || c.PolicyIdleTimeout.Duration > maxDuration {
 		bad("policy_idle_timeout", "must be at least 1s, got %q", c.PolicyIdleTimeout.Duration)
 	}
+	switch {
+	case c.RedisURL != "" && len(c.RedisSentinels) > 0:
+		bad("redis_url", "give redis_url or redis_sentinels, not both")
+	case c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") &&
+		!strings.HasPrefix(c.RedisURL, "unix://"):
+		bad("redis_url", "want redis://[user:pass@]host:port/db, rediss://... or unix:///path, got %q", c.RedisURL)
+	case len(c.RedisSentinels) > 0 && c.RedisMaster == "":
+		bad("redis_master", "must name the master when redis_sentinels is set")
+	}
+	if c.RedisTimeout.Duration < time.Millisecond || c.RedisTimeout.Duration > 3*time.Second {
+		bad("redis_timeout", "must be 1ms to 3s (qmail-smtpd waits 3 s in all), got %q", c.RedisTimeout.Duration)
+	}
+	switch c.RedisFallback {
+	case fallbackLocal, fallbackAccept, fallbackTempfail:
+	default:
+		bad("redis_fallback", "must be %q, %q or %q, got %q", fallbackLocal, fallbackAccept, fallbackTempfail, c.RedisFallback)
+	}
 	if c.MetricsListen != "" {
 		if _, port, err := net.SplitHostPort(c.MetricsListen); err != nil {
 			bad("metrics_listen", "want host:port, got %q", c.MetricsListen)

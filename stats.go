@@ -24,6 +24,10 @@ type Stats struct {
 	BadLinesNotLogged       uint64 // malformed-request log lines left out by the rate limit
 	StdoutLinesLost         uint64 // decision lines that could not be written
 	StderrLinesLost         uint64 // messages that could not be written
+
+	Redis                                bool   // decisions go to Redis
+	RedisUp                              bool   // the last call answered
+	RedisCalls, RedisFailures, Fallbacks uint64 // calls, failed calls, requests decided by redis_fallback
 }
 
 // FrontEndStats counts what one front end did.

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// This file runs greydaemon against a real Redis (Debian's redis-server):
+// private instances on random ports of 127.0.0.1 in temporary directories.
+
+// startRedis starts a private redis-server on port (0: a free one) and
+// returns its port and the command, to kill it.
+func startRedis(t *testing.T, port int) (int, *exec.Cmd) {
+	t.Helper()
+	bin := requireTool(t, "redis-server", "redis-server")
+	if port == 0 {
+		port = freeTCPPort(t)
+	}
+	cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", t.TempDir(), "--protected-mode", "no")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for i := 0; ; i++ {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			fmt.Fprint(c, "PING\r\n")
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			c.Close()
+			if strings.HasPrefix(line, "+PONG") {
+				return port, cmd
+			}
+		}
+		if i == 100 {
+			t.Fatalf("redis-server on port %d does not answer", port)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// startRedisDaemon runs a daemon deciding in the Redis on port, and waits
+// until it has connected.
+func startRedisDaemon(t *testing.T, port int, clock *fakeClock) *testDaemon {
+	t.Helper()
+	cfg := defaultConfig()
+	cfg.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
+	cfg.StateFile = filepath.Join(t.TempDir(), "state")
+	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
+	for i := 0; td.remote.client.Load() == nil; i++ {
+		if i == 200 {
+			t.Fatal("the daemon did not connect to Redis within 10 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return td
+}
+
+// TestRedisSharedByTwoDaemons greylists at one daemon and retries at the
+// other, as a sender does with two MX hosts: the retry passes, and a client
+// that became known at one is known at the other.
+func TestRedisSharedByTwoDaemons(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	clock := newFakeClock()
+	a, b := startRedisDaemon(t, port, clock), startRedisDaemon(t, port, clock)
+	ca, cb := dial(t, a.addr), dial(t, b.addr)
+	ask := func(conn *net.UDPConn, d []byte, want []byte) {
+		t.Helper()
+		wait := 5 * time.Second
+		if want == nil {
+			wait = 300 * time.Millisecond // no reply is the answer
+		}
+		if got := exchange(t, conn, d, wait); !bytes.Equal(got, want) {
+			t.Fatalf("%q: reply %x, want %x", d, got, want)
+		}
+	}
+	ask(ca, req("192.0.2.1", alice, bob, carol), []byte{0, 1})
+	clock.advance(time.Minute)
+	ask(cb, req("192.0.2.1", alice, bob), []byte{0, 2}) // too soon, at the other host
+	clock.advance(5 * time.Minute)
+	ask(cb, req("192.0.2.1", alice, bob), []byte{1, 3})   // the retry at the other host passes
+	ask(ca, req("192.0.2.1", "x@y", "z@w"), []byte{1, 2}) // and the client is known at both
+	ask(ca, req("192.0.2.2", "", verp), []byte{1, 4})     // the bounce rule
+	ask(ca, []byte("I192.0.2.3\x00Fa@b\x00Tc@d\x00Xjunk\x00"), nil)
+	ask(cb, req("192.0.2.3", "a@b", "c@d"), []byte{0, 2}) // recorded before the bad field, as locally
+	var st Stats
+	b.UpdateStats(&st)
+	if !st.Redis || !st.RedisUp || st.RedisCalls < 3 || st.Fallbacks != 0 {
+		t.Errorf("stats: redis %v up %v calls %d fallbacks %d", st.Redis, st.RedisUp, st.RedisCalls, st.Fallbacks)
+	}
+	// Nothing was decided in the local tables.
+	if known, grey := a.table.counts(); known+grey != 0 {
+		t.Errorf("the local table holds %d entries", known+grey)
+	}
+}
+
+// TestRedisDownFallsBackAndRecovers kills Redis under a daemon: requests
+// are decided from the local table, promptly, and once Redis is back the
+// daemon decides there again without a restart.
+func TestRedisDownFallsBackAndRecovers(t *testing.T) {
+	port, redis := startRedis(t, 0)
+	clock := newFakeClock()
+	td := startRedisDaemon(t, port, clock)
+	conn := dial(t, td.addr)
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("with Redis: %x", got)
+	}
+	redis.Process.Signal(syscall.SIGKILL)
+	redis.Wait()
+	start := time.Now()
+	for i := range 50 {
+		if got := exchange(t, conn, req("192.0.2.9", alice, fmt.Sprintf("r%d@x", i)), 2*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+			t.Fatalf("request %d with Redis down: reply %x, want 0001 from the local table", i, got)
+		}
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("50 requests with Redis down took %v; the deadline and the backoff should keep them prompt", d)
+	}
+	var st Stats
+	td.UpdateStats(&st)
+	if st.RedisUp || st.Fallbacks < 49 {
+		t.Fatalf("with Redis down: up %v, %d fallback decisions", st.RedisUp, st.Fallbacks)
+	}
+	if _, grey := td.table.counts(); grey < 50 {
+		t.Fatalf("the local table holds %d grey triplets, want the fallback's 50", grey)
+	}
+	startRedis(t, port) // back, empty
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		exchange(t, conn, req("192.0.2.5", alice, bob), 2*time.Second)
+		td.UpdateStats(&st)
+		if st.RedisUp {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the daemon did not use Redis again within 20 s of its return")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The restarted Redis is empty: 192.0.2.1's triplet is new to it.
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("after Redis came back: %x", got)
+	}
+	log := td.errOut.String()
+	if !strings.Contains(log, "redis: unavailable") || !strings.Contains(log, "redis: answering again") {
+		t.Errorf("log:\n%s", log)
+	}
+}
