@@ -122,7 +122,14 @@ func (d *daemon) open(set *Settings) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", set.Source.describe("listen"), err)
 	}
-	d.qmail = &server{conns: conns, readers: readersPerSocket(len(conns)), log: d.log}
+	readers := readersPerSocket(len(conns))
+	if set.RedisURL != "" || len(set.RedisSentinels) > 0 {
+		// Each decision waits for a round trip to Redis: readers enough
+		// that the waits overlap (rueidis pipelines them on one
+		// connection).
+		readers = max(readers, 16)
+	}
+	d.qmail = &server{conns: conns, readers: readers, log: d.log}
 	d.frontEnds = append(d.frontEnds, d.qmail)
 	if activated {
 		d.log.Infof("using %d socket(s) passed by the service manager", len(conns))
