@@ -14,6 +14,7 @@
 //	           [-t days] [-g hours] [-m minutes] [ipaddr[:port] savefile]
 //	greydaemon check [-c config.toml] [flags] [ipaddr[:port] savefile]
 //	greydaemon lookup [-c config.toml | savefile] IP [SENDER RECIPIENT]
+//	greydaemon import-redis [-c config.toml] [flags] savefile
 //	greydaemon dump FILE
 //	greydaemon version
 package main
@@ -83,6 +84,8 @@ func run(args []string, stdout, stderr io.Writer, signals <-chan os.Signal) erro
 			return checkCommand(args[1:], stdout, stderr)
 		case "lookup":
 			return lookupCommand(args[1:], stdout, nowFunc)
+		case "import-redis":
+			return importRedisCommand(args[1:], stdout, nowFunc)
 		case "version":
 			fmt.Fprintln(stdout, versionLine())
 			return nil

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -214,4 +215,94 @@ func (s *redisStore) fallbackVerdict() (Verdict, bool) {
 		return GreyNew, true
 	}
 	return 0, false
+}
+
+// importRedisCommand is `greydaemon import-redis [-c FILE] [flags] savefile`:
+// it copies the entries of a snapshot or a Perl save file that have not
+// expired into the Redis that the settings name, so that a site moving
+// from one host to several keeps its known IPs and grey triplets. An entry
+// Redis holds already is left as it is. Each key gets the TTL that is left
+// of its lifetime.
+func importRedisCommand(args []string, stdout io.Writer, now func() time.Time) error {
+	if len(args) == 0 {
+		return fmt.Errorf("%w: import-redis needs the state file to copy", errUsage)
+	}
+	path, args := args[len(args)-1], args[:len(args)-1]
+	set, err := parseCommandLine(args)
+	if err != nil {
+		return err
+	}
+	if set.RedisURL == "" && len(set.RedisSentinels) == 0 {
+		return fmt.Errorf("import-redis: no redis_url or redis_sentinels in the settings")
+	}
+	data, err := readStateFile(path)
+	if err != nil {
+		return err
+	}
+	opt, err := redisOption(set)
+	if err != nil {
+		return err
+	}
+	opt.Dialer.Timeout = 5 * time.Second
+	client, err := rueidis.NewClient(opt)
+	if err != nil {
+		return fmt.Errorf("import-redis: cannot connect to Redis: %w", err)
+	}
+	defer client.Close()
+	s := &redisStore{prefix: set.RedisPrefix}
+	exp := set.Policy.expiry()
+	t := uint32(max(now().Unix(), 0))
+	var batch rueidis.Commands
+	var known, grey, skipped int
+	var sendErr error
+	send := func() {
+		for _, r := range client.DoMulti(context.Background(), batch...) {
+			if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) && sendErr == nil {
+				sendErr = err
+			}
+		}
+		batch = batch[:0]
+	}
+	st, err := decodeStateFile(data, func(kind int, k [16]byte, seen uint32) bool {
+		seen, _ = clampFuture(seen, t)
+		var key string
+		var left uint32
+		switch kind {
+		case blockKnown:
+			if age(t, seen) >= exp.knownLifetime {
+				skipped++
+				return false
+			}
+			ck := clientKey(k)
+			if addr, ok := ck.addr(); ok {
+				ck = clientKeyFromAddr(set.Grouping.group(addr))
+			}
+			key, left = s.key('i', ck), exp.knownLifetime-age(t, seen)
+			known++
+		default:
+			if age(t, seen) >= exp.greyLifetime {
+				skipped++
+				return false
+			}
+			key, left = s.key('g', k), exp.greyLifetime-age(t, seen)
+			grey++
+		}
+		batch = append(batch, client.B().Set().Key(key).Value(strconv.FormatUint(uint64(seen), 10)).Nx().ExSeconds(int64(left)).Build())
+		if len(batch) == 1000 {
+			send()
+		}
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("%q: %w", path, err)
+	}
+	if len(batch) > 0 {
+		send()
+	}
+	if sendErr != nil {
+		return fmt.Errorf("import-redis: %w", sendErr)
+	}
+	fmt.Fprintf(stdout, "greydaemon: copied %d known IPs and %d grey triplets from %s (%s format) to Redis; %d expired left out\n",
+		known, grey, path, st.format, skipped)
+	return nil
 }

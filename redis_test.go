@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -152,5 +153,37 @@ func TestRedisDownFallsBackAndRecovers(t *testing.T) {
 	log := td.errOut.String()
 	if !strings.Contains(log, "redis: unavailable") || !strings.Contains(log, "redis: answering again") {
 		t.Errorf("log:\n%s", log)
+	}
+}
+
+// TestImportRedis copies a Perl save file into Redis and checks that a
+// daemon deciding there knows what the file held.
+func TestImportRedis(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	clock := newFakeClock()
+	now := clock.now().Unix()
+	dir := t.TempDir()
+	save := filepath.Join(dir, "greydata")
+	os.WriteFile(save, []byte(fmt.Sprintf("I %d 192.0.2.1\nG %d 192.0.2.7 alice@sender.example bob@rcpt.example\nI 1000 192.0.2.99\n",
+		now-3600, now-600)), 0o644)
+	conf := filepath.Join(dir, "g.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf("redis_url = \"redis://127.0.0.1:%d/0\"\n", port)), 0o644)
+	var out bytes.Buffer
+	if err := importRedisCommand([]string{"-c", conf, save}, &out, clock.now); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "copied 1 known IPs and 1 grey triplets") || !strings.Contains(out.String(), "1 expired left out") {
+		t.Fatalf("output %q", out.String())
+	}
+	td := startRedisDaemon(t, port, clock)
+	conn := dial(t, td.addr)
+	if got := exchange(t, conn, req("192.0.2.1", "x@y", "z@w"), 5*time.Second); !bytes.Equal(got, []byte{1, 2}) {
+		t.Errorf("imported known IP: %x, want 0102", got)
+	}
+	if got := exchange(t, conn, req("192.0.2.7", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{1, 3}) {
+		t.Errorf("retry of an imported triplet: %x, want 0103", got)
+	}
+	if err := importRedisCommand([]string{save}, &out, clock.now); err == nil || !strings.Contains(err.Error(), "no redis_url") {
+		t.Errorf("without Redis settings: %v", err)
 	}
 }
