@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -185,5 +186,102 @@ func TestImportRedis(t *testing.T) {
 	}
 	if err := importRedisCommand([]string{save}, &out, clock.now); err == nil || !strings.Contains(err.Error(), "no redis_url") {
 		t.Errorf("without Redis settings: %v", err)
+	}
+}
+
+// redisInfo returns the INFO section of the redis-server on port.
+func redisInfo(t *testing.T, port int, section string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return ""
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprintf(c, "INFO %s\r\n", section)
+	r := bufio.NewReader(c)
+	head, err := r.ReadString('\n')
+	if err != nil || !strings.HasPrefix(head, "$") {
+		return ""
+	}
+	var n int
+	fmt.Sscanf(head[1:], "%d", &n)
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return ""
+	}
+	return string(body)
+}
+
+// TestRedisSentinelFailover runs a master, a replica and a Sentinel: a
+// triplet greylisted through the master passes its retry through the
+// replica that the Sentinel promotes when the master dies, and the daemon
+// follows the failover without a restart.
+func TestRedisSentinelFailover(t *testing.T) {
+	master, masterCmd := startRedis(t, 0)
+	replicaPort := freeTCPPort(t)
+	bin := requireTool(t, "redis-server", "redis-server")
+	replica := exec.Command(bin, "--port", fmt.Sprint(replicaPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", t.TempDir(), "--replicaof", "127.0.0.1", fmt.Sprint(master))
+	if err := replica.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { replica.Process.Kill(); replica.Wait() })
+	sentinelPort := freeTCPPort(t)
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "sentinel.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nsentinel monitor mymaster 127.0.0.1 %d 1\n"+
+		"sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 3000\n", sentinelPort, dir, master)), 0o644)
+	sentinel := exec.Command(bin, conf, "--sentinel")
+	if err := sentinel.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sentinel.Process.Kill(); sentinel.Wait() })
+	waitFor := func(what string, limit time.Duration, ok func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(limit); !ok(); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within %v", what, limit)
+			}
+		}
+	}
+	waitFor("the replica in sync", 20*time.Second, func() bool {
+		return strings.Contains(redisInfo(t, master, "replication"), "connected_slaves:1")
+	})
+	waitFor("the Sentinel up", 20*time.Second, func() bool {
+		return strings.Contains(redisInfo(t, sentinelPort, "sentinel"), "status=ok")
+	})
+
+	clock := newFakeClock()
+	cfg := defaultConfig()
+	cfg.RedisSentinels = []string{fmt.Sprintf("127.0.0.1:%d", sentinelPort)}
+	cfg.RedisMaster = "mymaster"
+	cfg.StateFile = filepath.Join(t.TempDir(), "state")
+	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
+	waitFor("the daemon connected", 20*time.Second, func() bool { return td.remote.client.Load() != nil })
+	conn := dial(t, td.addr)
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+		t.Fatalf("first attempt: %x", got)
+	}
+	waitFor("the write replicated", 10*time.Second, func() bool {
+		info := redisInfo(t, master, "replication")
+		var offset int64
+		for _, line := range strings.Split(info, "\r\n") {
+			if v, ok := strings.CutPrefix(line, "master_repl_offset:"); ok {
+				fmt.Sscan(v, &offset)
+			}
+		}
+		return offset > 0 && strings.Contains(info, fmt.Sprintf("offset=%d,", offset))
+	})
+	masterCmd.Process.Kill()
+	masterCmd.Wait()
+	clock.advance(6 * time.Minute)
+	var got []byte
+	waitFor("a retry answered from the promoted replica", 30*time.Second, func() bool {
+		got = exchange(t, conn, req("192.0.2.1", alice, bob), time.Second)
+		return bytes.Equal(got, []byte{1, 3})
+	})
+	if !strings.Contains(redisInfo(t, replicaPort, "replication"), "role:master") {
+		t.Error("the replica was not promoted")
 	}
 }
