@@ -5,6 +5,7 @@
 # triplet. Prints medians. Everything runs on 127.0.0.1 and stops by itself.
 #
 #   bash scripts/perf.sh [seconds-per-run]
+#   GREYDAEMON_PERL=/tmp/greydaemon.pl bash scripts/perf.sh   # with the Perl daemon in the same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -30,8 +31,22 @@ grey() {
 rate() { awk '{print $2}'; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-: >"$tmp/g"; : >"$tmp/n"; : >"$tmp/b"
+# The Perl daemon, when GREYDAEMON_PERL names its source (John Levine's
+# greydaemon.pl; it is not part of this repository), on the same load.
+perl_daemon() {
+  perl "$GREYDAEMON_PERL" -m 0.02 127.0.0.1:29993 "$tmp/perlsave" >/dev/null 2>&1 &
+  local pid=$!
+  sleep 0.5
+  "$tmp/greyload" run -addr 127.0.0.1:29993 -duration "${secs}s" -warmup 2s
+  kill $pid; wait $pid 2>/dev/null || true
+  rm -f "$tmp/perlsave"*
+}
+
+: >"$tmp/g"; : >"$tmp/n"; : >"$tmp/b"; : >"$tmp/p"
 for run in 1 2 3; do
+  if [ -n "${GREYDAEMON_PERL:-}" ]; then
+    perl_daemon | tee -a "$tmp/p.log" | rate >>"$tmp/p"
+  fi
   grey | tee -a "$tmp/g.log" | rate >>"$tmp/g"
   "$tmp/greyload" run -addr 127.0.0.1:29991 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
   "$tmp/greyload" run -addr 127.0.0.1:29992 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/b.log" | rate >>"$tmp/b"
@@ -41,6 +56,10 @@ echo "--- throughput, medians of 3 (4 sockets x 4 in flight; mix 50% new, 30% re
 echo "greydaemon            $g requests/s"
 echo "null responder        $n requests/s   (greydaemon at $((100 * g / n))%)"
 echo "batched null responder $b requests/s   (greydaemon at $((100 * g / b))%)"
+if [ -s "$tmp/p" ]; then
+  p=$(median <"$tmp/p")
+  echo "Perl greydaemon       $p requests/s   (greydaemon at $((100 * g / p))%)"
+fi
 
 half=$((g / 2))
 echo "--- latency at half that rate ($half requests/s)"
