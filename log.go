@@ -98,6 +98,15 @@ func appendEscaped(dst, b []byte, limit int) []byte {
 func appendShown(dst, b []byte, limit int, nulAsSpace bool) []byte {
 	shown := b[:min(len(b), limit)]
 	for len(shown) > 0 {
+		// Printable ASCII, all of an ordinary request, is copied in runs.
+		n := 0
+		for n < len(shown) && shown[n] >= 0x20 && shown[n] < 0x7f {
+			n++
+		}
+		dst = append(dst, shown[:n]...)
+		if shown = shown[n:]; len(shown) == 0 {
+			break
+		}
 		c := shown[0]
 		switch {
 		case c == 0 && nulAsSpace:
