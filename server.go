@@ -17,8 +17,12 @@ type server struct {
 	g       *Greylister
 	conns   []*net.UDPConn // bound to one address with SO_REUSEPORT when more than one
 	readers int            // reader goroutines per socket
-	dlog    *decisionLog   // decision lines; nil logs nothing
-	log     *logger
+	// unbatched makes each reader read one datagram at a time: when a
+	// decision waits for a round trip (Redis), a batch would be decided
+	// one request after another by one reader while the others wait.
+	unbatched bool
+	dlog      *decisionLog // decision lines; nil logs nothing
+	log       *logger
 
 	// allow holds the networks whose requests are answered; nil answers
 	// everyone. A reload replaces it.
@@ -147,7 +151,7 @@ func (s *server) serve(n int) {
 		for range max(n, 1) {
 			wg.Go(func() {
 				w := s.newWorker()
-				if !s.readLoopBatch(w, conn) {
+				if s.unbatched || !s.readLoopBatch(w, conn) {
 					s.readLoop(w, conn)
 				}
 			})
