@@ -212,14 +212,41 @@ func (g *Greylister) ParseSender(kb *keyBuilder, raw []byte) Sender {
 // whose last-seen time then moves to now. It reports false when the
 // recipients must be examined.
 func (g *Greylister) checkClient(c Client, now uint32) (Verdict, bool) {
-	r := g.rules.Load()
-	if c.isIP && r.whitelist.Contains(c.addr) {
+	if g.whitelisted(c) {
 		return AcceptWhitelisted, true
 	}
-	if g.table.refreshKnown(c.key, now, r.policy.KnownIPLifetime) {
+	if g.table.refreshKnown(c.key, now, g.rules.Load().policy.KnownIPLifetime) {
 		return AcceptKnownIP, true
 	}
 	return 0, false
+}
+
+// whitelisted reports whether c's address is in the whitelist.
+func (g *Greylister) whitelisted(c Client) bool {
+	return c.isIP && g.rules.Load().whitelist.Contains(c.addr)
+}
+
+// decideRecipient decides a request with one recipient, as the Postfix
+// front end asks: in the shared store when there is one (unless the client
+// is whitelisted, which stays local), else, or when the store could not
+// answer and redis_fallback says so, against the local table. It returns
+// the verdict and the triplet's age. kb is the caller's scratch space.
+func (g *Greylister) decideRecipient(kb *keyBuilder, c Client, sender, rcpt []byte, now uint32) (Verdict, uint32) {
+	if g.remote != nil {
+		if g.whitelisted(c) {
+			return AcceptWhitelisted, 0
+		}
+		kb.rcpts = append(kb.rcpts[:0], rcpt)
+		if v, age, ok := g.decideRemote(kb, c, g.ParseSender(kb, sender), kb.rcpts, false, now); ok {
+			return v, age
+		}
+	}
+	if v, done := g.checkClient(c, now); done {
+		return v, 0
+	}
+	result, age := g.checkRecipient(kb, c, g.ParseSender(kb, sender), rcpt, now)
+	v, _ := combine(AcceptRetried, result)
+	return v, age
 }
 
 // A recipientResult is what checkRecipient found for one recipient.

@@ -115,7 +115,8 @@ func appendTripletText(dst []byte, client clientKey, sender, rcpt []byte) []byte
 // owned by one goroutine.
 type keyBuilder struct {
 	buf    []byte
-	sender []byte // a normalised sender
+	sender []byte   // a normalised sender
+	rcpts  [][]byte // a one-recipient request's recipient, for the shared store
 }
 
 // triplet returns the key of the triplet (client, sender, rcpt).

@@ -380,11 +380,9 @@ func (r *policyRequest) add(line []byte) {
 // A policyConn is one connection's scratch space.
 type policyConn struct {
 	id    int // picks its log shard
-	rcpts [][]byte
 	req   policyRequest
 	kb    keyBuilder
 	reply []byte
-	line  []byte
 	logb  []byte
 }
 
@@ -393,7 +391,7 @@ type policyConn struct {
 func (p *policyServer) serveConn(c net.Conn, counts *policyCounts, id int) {
 	br := bufio.NewReaderSize(c, policyMaxLine)
 	bw := bufio.NewWriterSize(c, 1024)
-	pc := &policyConn{id: id, reply: make([]byte, 0, 512), line: make([]byte, 0, 512), logb: make([]byte, 0, 512)}
+	pc := &policyConn{id: id, reply: make([]byte, 0, 512), logb: make([]byte, 0, 512)}
 	pc.req.buf = make([]byte, 0, 512)
 	pc.kb.buf = make([]byte, 0, 512)
 	peer := peerOf(c)
@@ -472,27 +470,7 @@ func (p *policyServer) decide(pc *policyConn, counts *policyCounts, peer string)
 	}
 	client, sender, rcpt := r.get(r.client, attrClient), r.get(r.sender, attrSender), r.get(r.rcpt, attrRecipient)
 	g := p.g
-	now := g.clock()
-	c := g.ParseClient(client)
-	var v Verdict
-	var age uint32
-	done := false
-	if g.remote != nil {
-		if c.isIP && g.rules.Load().whitelist.Contains(c.addr) {
-			v, done = AcceptWhitelisted, true
-		} else {
-			pc.rcpts = append(pc.rcpts[:0], rcpt)
-			v, age, done = g.decideRemote(&pc.kb, c, g.ParseSender(&pc.kb, sender), pc.rcpts, false, now)
-		}
-	}
-	if !done {
-		v, done = g.checkClient(c, now)
-	}
-	if !done {
-		var result recipientResult
-		result, age = g.checkRecipient(&pc.kb, c, g.ParseSender(&pc.kb, sender), rcpt, now)
-		v, _ = combine(AcceptRetried, result)
-	}
+	v, age := g.decideRecipient(&pc.kb, g.ParseClient(client), sender, rcpt, g.clock())
 	counts.verdicts[v.index()].Add(1)
 	if p.dlog != nil {
 		pc.logb = appendPolicyLogLine(pc.logb[:0], peer, v.Event(), client, sender, rcpt)

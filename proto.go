@@ -120,7 +120,7 @@ func appendReply(dst []byte, v Verdict) []byte {
 // false when Redis could not answer and the request is to be decided
 // locally.
 func (g *Greylister) decideQmailRemote(kb *keyBuilder, client Client, req request, now uint32) (Verdict, bool, error) {
-	if client.isIP && g.rules.Load().whitelist.Contains(client.addr) {
+	if g.whitelisted(client) {
 		return AcceptWhitelisted, true, nil
 	}
 	var rcpts [][]byte
