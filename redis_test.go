@@ -248,8 +248,12 @@ func TestRedisSentinelFailover(t *testing.T) {
 	waitFor("the replica in sync", 20*time.Second, func() bool {
 		return strings.Contains(redisInfo(t, master, "replication"), "connected_slaves:1")
 	})
-	waitFor("the Sentinel up", 20*time.Second, func() bool {
-		return strings.Contains(redisInfo(t, sentinelPort, "sentinel"), "status=ok")
+	// The Sentinel must know the replica before the master dies, or it has
+	// nothing to promote; it learns replicas from the master's INFO, which
+	// it asks every 10 s.
+	waitFor("the Sentinel watching the master and its replica", 30*time.Second, func() bool {
+		info := redisInfo(t, sentinelPort, "sentinel")
+		return strings.Contains(info, "status=ok") && strings.Contains(info, "slaves=1")
 	})
 
 	clock := newFakeClock()
