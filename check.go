@@ -89,11 +89,14 @@ func checkStateFile(path string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	st, err := decodeStateFile(data, func(int, [16]byte, uint32) bool { return true })
+	st, err := decodeStateFile(data, func(int, [16]byte, uint32) bool { return true }, func(listKey, listEntry) bool { return true })
 	if err != nil {
 		return "", fmt.Errorf("state file %q: %w", path, err)
 	}
 	s := fmt.Sprintf("state file %s (%s, %d known IPs, %d grey triplets", path, st.format, st.known, st.grey)
+	if st.lists > 0 {
+		s += fmt.Sprintf(", %d greylistd entries", st.lists)
+	}
 	if st.bad > 0 {
 		s += fmt.Sprintf(", %d unreadable lines skipped", st.bad)
 	}

@@ -45,6 +45,13 @@ type Config struct {
 	PolicyMaxConnections int      `toml:"policy_max_connections"` // connections served at once
 	PolicyIdleTimeout    Duration `toml:"policy_idle_timeout"`    // a connection idle this long is closed
 
+	// greylistd's protocol, for Exim (greylistd.go).
+	GreylistdListen     string   `toml:"greylistd_listen"`      // unix socket path; empty: off
+	GreylistdSocketMode string   `toml:"greylistd_socket_mode"` // octal mode of the socket
+	GreylistdRetryMin   Duration `toml:"greylistd_retry_min"`   // greylistd's retryMin: grey turns white after this
+	GreylistdRetryMax   Duration `toml:"greylistd_retry_max"`   // greylistd's retryMax: grey entries unseen this long go
+	GreylistdExpire     Duration `toml:"greylistd_expire"`      // greylistd's expire: white and black entries unseen this long go
+
 	// Shared state in Redis (redis.go).
 	RedisURL       string   `toml:"redis_url"`       // redis://[user:pass@]host:port/db or rediss://; empty: off
 	RedisSentinels []string `toml:"redis_sentinels"` // host:port of Sentinels, instead of redis_url
@@ -93,6 +100,11 @@ func defaultConfig() Config {
 		PolicyPrependHeader:  true,
 		PolicyMaxConnections: 256,
 		PolicyIdleTimeout:    Duration{10 * time.Minute},
+
+		GreylistdSocketMode: "0660",
+		GreylistdRetryMin:   Duration{10 * time.Minute},
+		GreylistdRetryMax:   Duration{8 * time.Hour},
+		GreylistdExpire:     Duration{60 * 24 * time.Hour},
 
 		RedisPrefix:   "greydaemon:",
 		RedisTimeout:  Duration{250 * time.Millisecond},

@@ -33,6 +33,11 @@ policy_defer_text = "Greylisted for %s s at %r"
 policy_prepend_header = false
 policy_max_connections = 50
 policy_idle_timeout = "1m"
+greylistd_listen = "/run/greydaemon/greylistd.sock"
+greylistd_socket_mode = "0666"
+greylistd_retry_min = "5m"
+greylistd_retry_max = "4h"
+greylistd_expire = "30d"
 redis_sentinels = ["127.0.0.1:26379"]
 redis_master = "mymaster"
 redis_prefix = "gd:"
@@ -53,6 +58,9 @@ redis_fallback = "tempfail"
 		PolicyListen: "unix:/run/greydaemon/policy.sock", PolicySocketMode: "0666",
 		PolicyDeferText: "Greylisted for %s s at %r", PolicyPrependHeader: false,
 		PolicyMaxConnections: 50, PolicyIdleTimeout: Duration{time.Minute},
+		GreylistdListen: "/run/greydaemon/greylistd.sock", GreylistdSocketMode: "0666",
+		GreylistdRetryMin: Duration{5 * time.Minute}, GreylistdRetryMax: Duration{4 * time.Hour},
+		GreylistdExpire: Duration{30 * 24 * time.Hour},
 		RedisSentinels: []string{"127.0.0.1:26379"}, RedisMaster: "mymaster", RedisPrefix: "gd:",
 		RedisTimeout: Duration{100 * time.Millisecond}, RedisFallback: "tempfail",
 	}

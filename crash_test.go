@@ -167,7 +167,7 @@ func TestSnapshotSurvivesSIGKILL(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: snapshot gone after SIGKILL: %v", round, err)
 		}
-		st, err := decodeSnapshot(data, func(int, [16]byte, uint32) bool { return true })
+		st, err := decodeSnapshot(data, func(int, [16]byte, uint32) bool { return true }, nil)
 		if err != nil {
 			t.Fatalf("round %d: snapshot damaged by SIGKILL: %v", round, err)
 		}

@@ -68,8 +68,14 @@ type daemon struct {
 	dlog      *decisionLog
 	qmail     *server
 	policy    *policyServer // nil unless policy_listen is set
+	list      *listServer   // nil unless greylistd_listen is set
 	remote    *redisStore   // nil unless Redis is set
 	frontEnds []frontEnd
+
+	// saveRequests carries the greylistd save command's requests to the
+	// loop that saves; loopDone is closed when that loop has stopped.
+	saveRequests chan chan error
+	loopDone     chan struct{}
 
 	saves, saveFailures     atomic.Uint64
 	reloads, reloadFailures atomic.Uint64
@@ -86,7 +92,8 @@ type savedAt struct {
 // newDaemon returns a daemon that reads its settings with load and logs to
 // stdout (decisions) and stderr (everything else).
 func newDaemon(load func() (*Settings, error), stdout, stderr io.Writer) *daemon {
-	return &daemon{load: load, stdout: stdout, stderr: stderr, now: time.Now}
+	return &daemon{load: load, stdout: stdout, stderr: stderr, now: time.Now,
+		saveRequests: make(chan chan error), loopDone: make(chan struct{})}
 }
 
 // run opens the daemon, serves until ctx is done or a stop signal arrives,
@@ -148,6 +155,14 @@ func (d *daemon) open(set *Settings) error {
 			idle: set.PolicyIdleTimeout.Duration, conns: map[net.Conn]struct{}{}}
 		d.frontEnds = append(d.frontEnds, d.policy)
 	}
+	if set.GreylistdListen != "" {
+		ln, err := listenUnix(set.GreylistdListen, set.ListMode, "greylistd requests")
+		if err != nil {
+			return fmt.Errorf("%s: %w", set.Source.describe("greylistd_listen"), err)
+		}
+		d.list = newListServer(nil, ln, set.GreylistdListen, d.log, nil, listMaxConnections)
+		d.frontEnds = append(d.frontEnds, d.list)
+	}
 	if set.MetricsListen != "" {
 		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
 		if err != nil {
@@ -158,6 +173,9 @@ func (d *daemon) open(set *Settings) error {
 	d.warnIfOpen(set)
 
 	if set.User != "" {
+		if err := d.giveSocketsTo(set); err != nil {
+			return err
+		}
 		if err := dropPrivileges(set.User); err != nil {
 			return err
 		}
@@ -201,7 +219,58 @@ func (d *daemon) open(set *Settings) error {
 		d.policy.allow.Store(set.Allow)
 		d.policy.replies.Store(policyRepliesOf(set))
 	}
+	if d.list != nil {
+		d.list.book, d.list.dlog = newListBook(d.g), d.dlog
+		d.list.book.save = d.saveForRequest
+	}
 	return nil
+}
+
+// listMaxConnections caps the greylistd socket's open connections: each is
+// one Exim process waiting for one answer.
+const listMaxConnections = 1024
+
+// giveSocketsTo makes the unix sockets' files belong to the -u user and its
+// group, when the daemon runs as root, so that a mail server in that group
+// (Debian-exim, postfix) can connect once the mode allows the group.
+func (d *daemon) giveSocketsTo(set *Settings) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	for _, path := range []string{d.policyPath(), set.GreylistdListen} {
+		if path == "" {
+			continue
+		}
+		if err := chownToUser(path, set.User); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// policyPath returns the policy server's socket file, or "" for none.
+func (d *daemon) policyPath() string {
+	if d.policy == nil {
+		return ""
+	}
+	return d.policy.unixPath
+}
+
+// saveForRequest asks the daemon's loop for a save now and waits for its
+// outcome: the greylistd save command.
+func (d *daemon) saveForRequest() error {
+	reply := make(chan error, 1)
+	select {
+	case d.saveRequests <- reply:
+	case <-d.loopDone:
+		return errors.New("greydaemon is stopping")
+	}
+	select {
+	case err := <-reply:
+		return err
+	case <-d.loopDone:
+		return errors.New("greydaemon is stopping")
+	}
 }
 
 // openLogs sets up the two output streams so that neither can stop the
@@ -252,8 +321,12 @@ func (d *daemon) loadState(wl *IPRanges) error {
 	case st.format == "missing":
 		d.log.Infof("no state file %q yet; starting empty", set.StateFile)
 	default:
-		d.log.Infof("loaded %s state file %q: %d known IPs, %d grey triplets, %d expired skipped, %d bad lines skipped, in %v",
-			st.format, set.StateFile, st.known, st.grey, st.expired, st.bad, d.loadDuration.Round(time.Millisecond))
+		lists := ""
+		if st.lists > 0 {
+			lists = fmt.Sprintf(", %d greylistd entries", st.lists)
+		}
+		d.log.Infof("loaded %s state file %q: %d known IPs, %d grey triplets%s, %d expired skipped, %d bad lines skipped, in %v",
+			st.format, set.StateFile, st.known, st.grey, lists, st.expired, st.bad, d.loadDuration.Round(time.Millisecond))
 	}
 	return nil
 }
@@ -337,6 +410,8 @@ loop:
 			d.save("timer")
 		case <-d.saveNow:
 			d.save("request")
+		case reply := <-d.saveRequests:
+			reply <- d.save("greylistd save command")
 		case sig := <-d.signals:
 			switch sig {
 			case syscall.SIGHUP:
@@ -353,6 +428,7 @@ loop:
 			}
 		}
 	}
+	close(d.loopDone)
 	return d.shutdown(&frontEnds, stopBackground, &background)
 }
 
@@ -457,6 +533,10 @@ func (d *daemon) reload() (err error) {
 		{"redis_master", old.RedisMaster, set.RedisMaster, func() { set.RedisMaster = old.RedisMaster }},
 		{"redis_prefix", old.RedisPrefix, set.RedisPrefix, func() { set.RedisPrefix = old.RedisPrefix }},
 		{"redis_fallback", old.RedisFallback, set.RedisFallback, func() { set.RedisFallback = old.RedisFallback }},
+		{"greylistd_listen", old.GreylistdListen, set.GreylistdListen, func() { set.GreylistdListen = old.GreylistdListen }},
+		{"greylistd_socket_mode", old.GreylistdSocketMode, set.GreylistdSocketMode, func() {
+			set.GreylistdSocketMode, set.ListMode = old.GreylistdSocketMode, old.ListMode
+		}},
 		{"policy_max_connections", old.PolicyMaxConnections, set.PolicyMaxConnections, func() { set.PolicyMaxConnections = old.PolicyMaxConnections }},
 	} {
 		if k.was != k.is {
@@ -516,6 +596,7 @@ func (d *daemon) UpdateStats(st *Stats) {
 		}
 	}
 	st.KnownIPs, st.GreyTriplets = d.table.counts()
+	st.ListEntries = d.table.listCount()
 	st.MaxEntries = d.table.capacity()
 	st.Evictions = d.table.evicted.Load()
 	st.Expirations = d.table.expired.Load()

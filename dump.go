@@ -8,8 +8,13 @@ import (
 )
 
 // dumpFile writes the state file at path (a snapshot or a Perl save file) to
-// w as Perl save-file lines: every I line, then every G line. Nothing is
-// filtered out. Keys held only as fingerprints are written as "#<hex>".
+// w as Perl save-file lines: every I line, then every G line, then, in a
+// line form of greydaemon's own, every greylistd entry:
+//
+//	L <list> <first seen> <last seen> <count> #<hex>
+//
+// Nothing is filtered out. Keys held only as fingerprints are written as
+// "#<hex>".
 func dumpFile(path string, w io.Writer) error {
 	data, err := readStateFile(path)
 	if err != nil {
@@ -28,7 +33,16 @@ func dumpFile(path string, w io.Writer) error {
 		}
 		return true
 	}
-	if _, err := decodeStateFile(data, add); err != nil {
+	type listed struct {
+		k listKey
+		e listEntry
+	}
+	var lists []listed
+	addList := func(k listKey, e listEntry) bool {
+		lists = append(lists, listed{k, e})
+		return true
+	}
+	if _, err := decodeStateFile(data, add, addList); err != nil {
 		return fmt.Errorf("%q: %w", path, err)
 	}
 	bw := bufio.NewWriter(w)
@@ -49,6 +63,17 @@ func dumpFile(path string, w io.Writer) error {
 		line = strconv.AppendUint(line, uint64(e.t), 10)
 		line = append(line, ' ')
 		line = appendFingerprint(line, e.k)
+		bw.Write(append(line, '\n'))
+	}
+	for _, l := range lists {
+		line = append(line[:0], "L "...)
+		line = append(line, l.e.state.String()...)
+		for _, n := range [...]uint32{l.e.first, l.e.last, l.e.count} {
+			line = append(line, ' ')
+			line = strconv.AppendUint(line, uint64(n), 10)
+		}
+		line = append(line, ' ')
+		line = appendFingerprint(line, l.k)
 		bw.Write(append(line, '\n'))
 	}
 	if err := bw.Flush(); err != nil {

@@ -98,6 +98,11 @@ type Policy struct {
 	KnownIPLifetime uint32 // -t: a known IP is accepted for this long after it was last seen
 	ResendWindow    uint32 // -g: a retry must come within this long of the first attempt
 	MinResendDelay  uint32 // -m: a retry must come at least this long after the first attempt
+
+	// greylistd's limits, for its protocol (greylistd.go).
+	ListRetryMin uint32 // greylistd_retry_min: a grey entry first seen more than this long ago turns white
+	ListRetryMax uint32 // greylistd_retry_max: a grey entry last seen more than this long ago goes
+	ListExpire   uint32 // greylistd_expire: a white or black entry last seen more than this long ago goes
 }
 
 // staleGrace is how long a grey triplet is held after its resend window
@@ -108,7 +113,8 @@ const staleGrace = 60
 // expiry returns when the table may forget entries under p.
 func (p Policy) expiry() expiry {
 	grey := uint64(p.ResendWindow) + staleGrace
-	return expiry{knownLifetime: p.KnownIPLifetime, greyLifetime: uint32(min(grey, math.MaxUint32))}
+	return expiry{knownLifetime: p.KnownIPLifetime, greyLifetime: uint32(min(grey, math.MaxUint32)),
+		listGreyLifetime: p.ListRetryMax, listLifetime: p.ListExpire}
 }
 
 // A Greylister makes greylisting decisions against a table. It is safe for

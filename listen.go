@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/activation"
 	"golang.org/x/sys/unix"
@@ -193,4 +194,33 @@ func closeAll(conns []*net.UDPConn) {
 	for _, c := range conns {
 		c.Close()
 	}
+}
+
+// listenUnix binds a unix stream socket at path with the given mode, for
+// purpose (which error messages name). A socket file left by an earlier run
+// is replaced when nothing listens on it; anything else at path is an error.
+// Closing the listener leaves the file: the server removes it once its
+// connections are done.
+func listenUnix(path string, mode os.FileMode, purpose string) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("cannot listen on %q for %s: it exists and is not a socket", path, purpose)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("cannot listen on %q for %s: another process is listening on it", path, purpose)
+		}
+		os.Remove(path) // left by an earlier run
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("cannot listen on %q for %s: %w", path, purpose, err)
+	}
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("cannot set the mode of %q: %w", path, err)
+	}
+	return ln, nil
 }

@@ -76,7 +76,7 @@ func lookupCommand(args []string, w io.Writer, now func() time.Time) error {
 			grey, isGrey = t, true
 		}
 		return true
-	})
+	}, nil)
 	if err != nil {
 		return fmt.Errorf("%q: %w", c.StateFile, err)
 	}

@@ -89,9 +89,9 @@ var (
 	descIOErrors = prometheus.NewDesc("greydaemon_io_errors_total",
 		"Failed socket reads and writes, by front end and operation.", []string{"frontend", "op"}, nil)
 	descEntries = prometheus.NewDesc("greydaemon_entries",
-		"Entries held, by table (known_ip or grey).", []string{"table"}, nil)
+		"Entries held, by table (known_ip, grey, or greylistd for the greylistd socket's data strings).", []string{"table"}, nil)
 	descMaxEntries = prometheus.NewDesc("greydaemon_max_entries",
-		"The cap on entries held (known IPs and grey triplets together).", nil, nil)
+		"The cap on entries held (all tables together).", nil, nil)
 	descEvictions = prometheus.NewDesc("greydaemon_evictions_total",
 		"Entries dropped to keep under the cap.", nil, nil)
 	descExpirations = prometheus.NewDesc("greydaemon_expirations_total",
@@ -170,6 +170,7 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(descEntries, float64(st.KnownIPs), "known_ip")
 	gauge(descEntries, float64(st.GreyTriplets), "grey")
+	gauge(descEntries, float64(st.ListEntries), "greylistd")
 	gauge(descMaxEntries, float64(st.MaxEntries))
 	counter(descEvictions, st.Evictions)
 	counter(descExpirations, st.Expirations)

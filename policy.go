@@ -188,28 +188,11 @@ func listenPolicy(spec string, mode os.FileMode) (net.Listener, string, error) {
 		}
 		return ln, "", nil
 	}
-	path := addr[1]
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, "", fmt.Errorf("cannot listen on %q for policy requests: it exists and is not a socket", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, "", fmt.Errorf("cannot listen on %q for policy requests: another process is listening on it", path)
-		}
-		os.Remove(path) // left by an earlier run
-	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenUnix(addr[1], mode, "policy requests")
 	if err != nil {
-		return nil, "", fmt.Errorf("cannot listen on %q for policy requests: %w", path, err)
+		return nil, "", err
 	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(false) // Close removes it, after the connections
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		os.Remove(path)
-		return nil, "", fmt.Errorf("cannot set the mode of %q: %w", path, err)
-	}
-	return ln, path, nil
+	return ln, addr[1], nil
 }
 
 // Name returns "postfix".

@@ -2,27 +2,48 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"os/user"
 	"strconv"
 	"syscall"
 )
+
+// userIDs returns the uid and primary gid of the named user.
+func userIDs(name string) (uid, gid int, err error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		return 0, 0, fmt.Errorf("cannot find user %q: %w", name, err)
+	}
+	if uid, err = strconv.Atoi(u.Uid); err != nil {
+		return 0, 0, fmt.Errorf("user %q: bad uid %q", name, u.Uid)
+	}
+	if gid, err = strconv.Atoi(u.Gid); err != nil {
+		return 0, 0, fmt.Errorf("user %q: bad gid %q", name, u.Gid)
+	}
+	return uid, gid, nil
+}
+
+// chownToUser gives the file at path to the named user and its primary
+// group.
+func chownToUser(path, name string) error {
+	uid, gid, err := userIDs(name)
+	if err == nil {
+		err = os.Chown(path, uid, gid)
+	}
+	if err != nil {
+		return fmt.Errorf("cannot give %q to user %q: %w", path, name, err)
+	}
+	return nil
+}
 
 // dropPrivileges switches the process to the named user: its uid, its
 // primary group, and no supplementary groups. Go applies each of these
 // calls to every thread of the process. It refuses a user with uid 0, since
 // that would keep root.
 func dropPrivileges(name string) error {
-	u, err := user.Lookup(name)
+	uid, gid, err := userIDs(name)
 	if err != nil {
 		return fmt.Errorf("cannot switch to user %q: %w", name, err)
-	}
-	uid, err := strconv.Atoi(u.Uid)
-	if err != nil {
-		return fmt.Errorf("cannot switch to user %q: bad uid %q", name, u.Uid)
-	}
-	gid, err := strconv.Atoi(u.Gid)
-	if err != nil {
-		return fmt.Errorf("cannot switch to user %q: bad gid %q", name, u.Gid)
 	}
 	if uid == 0 {
 		return fmt.Errorf("cannot switch to user %q: it is root (uid 0); -u must name an unprivileged user", name)

@@ -14,6 +14,7 @@ import (
 const (
 	blockKnown = 1 // a known IP: client key, last seen
 	blockGrey  = 2 // a grey triplet: triplet key, first seen
+	blockList  = 3 // a greylistd entry: data key, first and last seen, count, list
 )
 
 // errCorrupt marks a snapshot that cannot be trusted.
@@ -24,6 +25,7 @@ type loadStats struct {
 	format  string // "missing", "empty", "msgpack" or "perl"
 	known   int    // known IPs loaded
 	grey    int    // grey triplets loaded
+	lists   int    // greylistd entries loaded
 	expired int    // entries skipped because they had expired
 	bad     int    // Perl save-file lines that could not be read
 	written time.Time

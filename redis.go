@@ -292,7 +292,7 @@ func importRedisCommand(args []string, stdout io.Writer, now func() time.Time) e
 			send()
 		}
 		return true
-	})
+	}, nil) // greylistd entries stay in each daemon's own table
 	if err != nil {
 		return fmt.Errorf("%q: %w", path, err)
 	}

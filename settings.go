@@ -25,6 +25,7 @@ type Settings struct {
 	Allow      *IPRanges    // networks whose queries are answered; nil: every network
 	Grouping   addrGrouping // how client addresses are keyed
 	PolicyMode fs.FileMode  // the policy socket's mode, from PolicySocketMode
+	ListMode   fs.FileMode  // the greylistd socket's mode, from GreylistdSocketMode
 	Source     Source       // where the values came from
 }
 
@@ -93,6 +94,9 @@ func (c *Config) problems() []error {
 		{"known_ip_lifetime", c.KnownIPLifetime.Duration},
 		{"resend_window", c.ResendWindow.Duration},
 		{"min_resend_delay", c.MinResendDelay.Duration},
+		{"greylistd_retry_min", c.GreylistdRetryMin.Duration},
+		{"greylistd_retry_max", c.GreylistdRetryMax.Duration},
+		{"greylistd_expire", c.GreylistdExpire.Duration},
 	} {
 		switch {
 		case d.v <= 0:
@@ -108,6 +112,16 @@ func (c *Config) problems() []error {
 		ceilSeconds(c.MinResendDelay.Duration) >= ceilSeconds(c.ResendWindow.Duration) {
 		bad("min_resend_delay", "must be below resend_window (%s), got %s: no retry could ever pass",
 			c.ResendWindow.Duration, c.MinResendDelay.Duration)
+	}
+	if c.GreylistdRetryMin.Duration >= c.GreylistdRetryMax.Duration && c.GreylistdRetryMax.Duration > 0 {
+		bad("greylistd_retry_min", "must be below greylistd_retry_max (%s), got %s: no retry could ever pass",
+			c.GreylistdRetryMax.Duration, c.GreylistdRetryMin.Duration)
+	}
+	if c.GreylistdListen != "" && !strings.HasPrefix(c.GreylistdListen, "/") {
+		bad("greylistd_listen", "must be an absolute path to a unix socket, got %q", c.GreylistdListen)
+	}
+	if _, err := parseSocketMode(c.GreylistdSocketMode); err != nil {
+		bad("greylistd_socket_mode", "%v", err)
 	}
 	if c.MaxEntries < 1000 {
 		bad("max_entries", "must be at least 1000, got %d", c.MaxEntries)
@@ -187,15 +201,20 @@ func resolve(c Config, src Source) (*Settings, error) {
 	addr, _ := listenAddress(c.Listen)
 	allow, _ := parseAllow(c.Allow)
 	mode, _ := parseSocketMode(c.PolicySocketMode)
+	listMode, _ := parseSocketMode(c.GreylistdSocketMode)
 	return &Settings{
 		Config:     c,
 		ListenAddr: addr,
 		Grouping:   addrGrouping{v4Bits: c.IPv4Prefix, v6Bits: c.IPv6Prefix},
 		PolicyMode: mode,
+		ListMode:   listMode,
 		Policy: Policy{
 			KnownIPLifetime: ceilSeconds(c.KnownIPLifetime.Duration),
 			ResendWindow:    ceilSeconds(c.ResendWindow.Duration),
 			MinResendDelay:  ceilSeconds(c.MinResendDelay.Duration),
+			ListRetryMin:    uint32(min(c.GreylistdRetryMin.Duration/time.Second, math.MaxUint32-1)),
+			ListRetryMax:    uint32(min(c.GreylistdRetryMax.Duration/time.Second, math.MaxUint32-1)),
+			ListExpire:      uint32(min(c.GreylistdExpire.Duration/time.Second, math.MaxUint32-1)),
 		},
 		Allow:  allow,
 		Source: src,

@@ -22,6 +22,10 @@ import (
 //	then blocks, one or two per table shard:
 //	  uint kind (1 known IPs, 2 grey triplets), uint count,
 //	  bin  count × 20 bytes: 16-byte key, 4-byte unix time, big-endian
+//	  or, for a shard holding greylistd entries (greylistd.go):
+//	  uint 3, uint count,
+//	  bin  count × 29 bytes: 16-byte key, first seen, last seen, count
+//	       (4 bytes each, big-endian), list (1 white, 2 grey, 3 black)
 //	uint  0                              end of blocks
 //	uint  total known IPs, uint total grey triplets
 //	uint64 (always 9 bytes: 0xcf + 8)    xxh3-64 of every byte before it
@@ -50,16 +54,25 @@ func writeBlock(enc *msgpack.Encoder, kind int, records []byte) error {
 	if err := enc.EncodeUint(uint64(kind)); err != nil {
 		return err
 	}
-	if err := enc.EncodeUint(uint64(len(records) / recordSize)); err != nil {
+	if err := enc.EncodeUint(uint64(len(records) / blockRecordSize(kind))); err != nil {
 		return err
 	}
 	return enc.EncodeBytes(records)
 }
 
+// blockRecordSize returns the size of one record in a block of kind.
+func blockRecordSize(kind int) int {
+	if kind == blockList {
+		return listRecordSize
+	}
+	return recordSize
+}
+
 // decodeSnapshot checks and decodes a snapshot file's bytes, calling add for
-// every entry; add reports whether it kept the entry. Every count and length
-// is checked against the bytes that remain before it is used.
-func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool) (loadStats, error) {
+// every known IP and grey triplet and addList (when not nil) for every
+// greylistd entry; each reports whether it kept the entry. Every count and
+// length is checked against the bytes that remain before it is used.
+func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool, addList func(k listKey, e listEntry) bool) (loadStats, error) {
 	st := loadStats{format: "msgpack"}
 	if len(data) < len(snapshotPrefix)+checksumSize {
 		return st, fmt.Errorf("%w: truncated (%d bytes)", errCorrupt, len(data))
@@ -118,20 +131,36 @@ func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool) 
 		if kind == blockEnd {
 			break
 		}
-		if kind != blockKnown && kind != blockGrey {
+		if kind != blockKnown && kind != blockGrey && kind != blockList {
 			return fail(fmt.Sprintf("unknown block kind %d", kind), nil)
 		}
+		rsize := uint64(blockRecordSize(int(kind)))
 		count, err := dec.DecodeUint64()
-		if err != nil || count > maxBlockEntries || count*recordSize > uint64(r.Len()) {
+		if err != nil || count > maxBlockEntries || count*rsize > uint64(r.Len()) {
 			return fail(fmt.Sprintf("bad block count %d", count), err)
 		}
 		size, err := dec.DecodeBytesLen()
-		if err != nil || uint64(size) != count*recordSize || size > r.Len() {
+		if err != nil || uint64(size) != count*rsize || size > r.Len() {
 			return fail(fmt.Sprintf("bad block size %d for %d entries", size, count), err)
 		}
 		block := make([]byte, size)
 		if err := dec.ReadFull(block); err != nil {
 			return fail("short block", err)
+		}
+		if kind == blockList {
+			for e := block; len(e) >= listRecordSize; e = e[listRecordSize:] {
+				k, entry, ok := parseListRecord(e)
+				switch {
+				case !ok:
+					return fail(fmt.Sprintf("unknown greylistd list %d", entry.state), nil)
+				case addList == nil:
+				case addList(k, entry):
+					st.lists++
+				default:
+					st.expired++
+				}
+			}
+			continue
 		}
 		for e := block; len(e) >= recordSize; e = e[recordSize:] {
 			k, t := parseRecord(e)
@@ -165,7 +194,7 @@ func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool) 
 // snapshotScratch is the memory encodeSnapshot copies a shard into,
 // reused from save to save.
 type snapshotScratch struct {
-	known, grey []byte
+	known, grey, lists []byte
 }
 
 // encodeSnapshot writes the snapshot body of t (everything but the
@@ -196,6 +225,10 @@ func encodeSnapshot(w io.Writer, t *table, p Policy, written time.Time, sc *snap
 		}
 		known += len(sc.known) / recordSize
 		grey += len(sc.grey) / recordSize
+		sc.lists = t.appendShardLists(i, sc.lists[:0])
+		if err := writeBlock(enc, blockList, sc.lists); err != nil {
+			return 0, 0, err
+		}
 	}
 	for _, err := range []error{
 		enc.EncodeUint(blockEnd),

@@ -113,7 +113,7 @@ func TestSnapshotCorruption(t *testing.T) {
 	good, _ := os.ReadFile(path)
 	add := func(int, [16]byte, uint32) bool { return true }
 	for n := 1; n < len(good); n++ {
-		if _, err := decodeSnapshot(good[:n], add); !errors.Is(err, errCorrupt) {
+		if _, err := decodeSnapshot(good[:n], add, nil); !errors.Is(err, errCorrupt) {
 			t.Fatalf("truncated to %d of %d bytes: got %v", n, len(good), err)
 		}
 	}
@@ -123,7 +123,7 @@ func TestSnapshotCorruption(t *testing.T) {
 		for range 1 + r.IntN(3) {
 			bad[r.IntN(len(bad))] ^= byte(1 + r.IntN(255))
 		}
-		if _, err := decodeSnapshot(bad, add); !errors.Is(err, errCorrupt) {
+		if _, err := decodeSnapshot(bad, add, nil); !errors.Is(err, errCorrupt) {
 			t.Fatalf("flipped bytes: got %v", err)
 		}
 	}
@@ -279,7 +279,7 @@ func FuzzLoadSnapshot(f *testing.F) {
 	f.Add(good)
 	f.Add([]byte(perlSave))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		_, err := decodeSnapshot(data, func(int, [16]byte, uint32) bool { return true })
+		_, err := decodeSnapshot(data, func(int, [16]byte, uint32) bool { return true }, nil)
 		if err != nil && !errors.Is(err, errCorrupt) {
 			t.Fatalf("error does not wrap errCorrupt: %v", err)
 		}

@@ -122,6 +122,13 @@ func (s *snapshotter) load() (loadStats, error) {
 	now := uint32(s.now().Unix())
 	st, err := decodeStateFile(data, func(kind int, k [16]byte, t uint32) bool {
 		return s.restore(kind, k, t, now)
+	}, func(k listKey, e listEntry) bool {
+		exp := s.policy().expiry()
+		if e.expired(now, exp) {
+			return false
+		}
+		s.table.restoreList(k, e, now, exp)
+		return true
 	})
 	if err != nil {
 		return st, fmt.Errorf("%q: %w", s.path, err)
@@ -226,14 +233,15 @@ func userName() string {
 }
 
 // decodeStateFile decodes the contents of a state file, whichever form it
-// has: empty, a snapshot, or a Perl save file. It calls add for every entry;
-// add reports whether it kept the entry.
-func decodeStateFile(data []byte, add func(kind int, k [16]byte, t uint32) bool) (loadStats, error) {
+// has: empty, a snapshot, or a Perl save file. It calls add for every known
+// IP and grey triplet and addList (when not nil) for every greylistd entry;
+// each reports whether it kept the entry.
+func decodeStateFile(data []byte, add func(kind int, k [16]byte, t uint32) bool, addList func(k listKey, e listEntry) bool) (loadStats, error) {
 	switch {
 	case len(data) == 0:
 		return loadStats{format: "empty"}, nil
 	case bytes.HasPrefix(data, snapshotPrefix):
-		return decodeSnapshot(data, add)
+		return decodeSnapshot(data, add, addList)
 	default:
 		return readPerlSave(bytes.NewReader(data), add)
 	}

@@ -9,6 +9,7 @@ type Stats struct {
 	FrontEnds []FrontEndStats // the qmail front end first
 
 	KnownIPs, GreyTriplets int    // entries held now
+	ListEntries            int    // greylistd entries held now
 	MaxEntries             int    // the cap on entries
 	Evictions              uint64 // entries dropped to respect the cap
 	Expirations            uint64 // entries dropped by sweeps because they expired

@@ -40,6 +40,8 @@ type shard struct {
 	mu    sync.RWMutex
 	known map[clientKey]uint32
 	grey  map[tripletKey]uint32
+	// lists holds greylistd's entries (greylistd.go); nil until the first.
+	lists map[listKey]listEntry
 	// peak is the largest size the maps reached since they were last
 	// rebuilt; Go maps never shrink, so a sweep rebuilds a map that has
 	// emptied far below its peak.
@@ -54,6 +56,46 @@ type shard struct {
 type expiry struct {
 	knownLifetime uint32 // a known IP not seen for this long is forgotten
 	greyLifetime  uint32 // a grey triplet this old may be dropped
+
+	// greylistd's entries go, as greylistd drops them, when their last
+	// sighting is more than this long ago (strictly).
+	listGreyLifetime uint32 // on the grey list: greylistd_retry_max
+	listLifetime     uint32 // on the white or black list: greylistd_expire
+}
+
+// A listKey is the fingerprint of a greylistd data string (greylistd.go).
+// greylistd's entries live in a map of their own, so a data string and a
+// qmail triplet can never be taken for one another.
+type listKey [16]byte
+
+// shardHash uses bits of the fingerprint itself, which are uniform.
+func (k listKey) shardHash() uint64 { return binary.LittleEndian.Uint64(k[8:]) }
+
+// A listState is the list a greylistd entry is on.
+type listState uint8
+
+const (
+	listWhite listState = 1
+	listGrey  listState = 2
+	listBlack listState = 3
+)
+
+// A listEntry is a greylistd data string's place: its list, the unix seconds
+// it was first and last seen on that list, and how many requests it matched
+// there (greylistd's three numbers).
+type listEntry struct {
+	first, last, count uint32
+	state              listState
+}
+
+// expired reports whether e is gone at now under exp, as greylistd's
+// expireKeys decides: last seen more than the lifetime ago.
+func (e listEntry) expired(now uint32, exp expiry) bool {
+	limit := exp.listLifetime
+	if e.state == listGrey {
+		limit = exp.listGreyLifetime
+	}
+	return age(now, e.last) > limit
 }
 
 // defaultShards is the number of shards of a table of the default size:
@@ -228,21 +270,66 @@ func clampFuture(t, now uint32) (uint32, bool) {
 // cost of the scan is shared by many inserts. It returns how many entries
 // were evicted (expired ones included). The caller holds s.mu for writing.
 func (s *shard) makeRoomLocked(capacity int, now uint32, exp expiry) int {
-	if len(s.known)+len(s.grey) < capacity {
+	if s.size() < capacity {
 		return 0
 	}
 	target := capacity - max(capacity/evictFraction, 1)
 	dropped := deleteOlderThan(s.known, now, exp.knownLifetime)
 	dropped += deleteOlderThan(s.grey, now, exp.greyLifetime)
-	if excess := len(s.known) + len(s.grey) - target; excess > 0 {
-		n := deleteOldest(s.grey, excess)
-		dropped += n
-		excess -= n
-		if excess > 0 {
-			dropped += deleteOldest(s.known, excess)
+	dropped += deleteExpiredLists(s.lists, now, exp)
+	// Grey entries go first (a sender that retries is greylisted again,
+	// at worst), then known IPs, then greylistd's white and black lists.
+	steps := [...]func(want int) int{
+		func(want int) int { return deleteOldest(s.grey, want) },
+		func(want int) int { return deleteOldestLists(s.lists, want, true) },
+		func(want int) int { return deleteOldest(s.known, want) },
+		func(want int) int { return deleteOldestLists(s.lists, want, false) },
+	}
+	for _, step := range steps {
+		excess := s.size() - target
+		if excess <= 0 {
+			break
 		}
+		dropped += step(excess)
 	}
 	return dropped
+}
+
+// size returns the number of entries the shard holds.
+func (s *shard) size() int { return len(s.known) + len(s.grey) + len(s.lists) }
+
+// deleteExpiredLists deletes greylistd's expired entries from m and returns
+// how many it deleted.
+func deleteExpiredLists(m map[listKey]listEntry, now uint32, exp expiry) int {
+	n := 0
+	for k, e := range m {
+		if e.expired(now, exp) {
+			delete(m, k)
+			n++
+		}
+	}
+	return n
+}
+
+// deleteOldestLists deletes the want least recently seen entries of m that
+// are on the grey list (grey true) or on the white and black lists (grey
+// false), and returns how many it deleted. It runs deleteOldest over a copy
+// of their times and deletes what the copy lost: greylistd's entries are few
+// beside the qmail ones, and an eviction is rare.
+func deleteOldestLists(m map[listKey]listEntry, want int, grey bool) int {
+	times := make(map[listKey]uint32)
+	for k, e := range m {
+		if (e.state == listGrey) == grey {
+			times[k] = e.last
+		}
+	}
+	n := deleteOldest(times, want)
+	for k, e := range m {
+		if _, kept := times[k]; !kept && (e.state == listGrey) == grey {
+			delete(m, k)
+		}
+	}
+	return n
 }
 
 // deleteOlderThan deletes the entries of m whose age at now is limit or more
@@ -320,6 +407,7 @@ func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 	clamped := clampFutureTimes(s.known, now) + clampFutureTimes(s.grey, now)
 	n := deleteOlderThan(s.known, now, exp.knownLifetime)
 	n += deleteOlderThan(s.grey, now, exp.greyLifetime)
+	n += deleteExpiredLists(s.lists, now, exp)
 	rebuildKnown := shouldRebuild(len(s.known), s.peakKnown)
 	rebuildGrey := shouldRebuild(len(s.grey), s.peakGrey)
 	sizeKnown, sizeGrey := len(s.known), len(s.grey)
@@ -383,6 +471,18 @@ func (t *table) counts() (known, grey int) {
 	return known, grey
 }
 
+// listCount returns the number of greylistd entries held.
+func (t *table) listCount() int {
+	n := 0
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.RLock()
+		n += len(s.lists)
+		s.mu.RUnlock()
+	}
+	return n
+}
+
 // recordSize is the size of an entry record: 16-byte key, 4-byte time.
 const recordSize = 20
 
@@ -414,6 +514,130 @@ func (t *table) appendShardRecords(i int, known, grey []byte) ([]byte, []byte) {
 	return known, grey
 }
 
+// appendShardLists appends shard i's greylistd entries to dst as list
+// records and returns the extended slice, as appendShardRecords does.
+func (t *table) appendShardLists(i int, dst []byte) []byte {
+	s := &t.shards[i]
+	s.mu.RLock()
+	for k, e := range s.lists {
+		dst = appendListRecord(dst, k, e)
+	}
+	s.mu.RUnlock()
+	return dst
+}
+
+// listRecordSize is the size of a greylistd entry's record: 16-byte key,
+// first seen, last seen, count (4 bytes each), list (1 byte).
+const listRecordSize = 29
+
+// appendListRecord appends the record of one greylistd entry to dst.
+func appendListRecord(dst []byte, k listKey, e listEntry) []byte {
+	dst = append(dst, k[:]...)
+	dst = binary.BigEndian.AppendUint32(dst, e.first)
+	dst = binary.BigEndian.AppendUint32(dst, e.last)
+	dst = binary.BigEndian.AppendUint32(dst, e.count)
+	return append(dst, byte(e.state))
+}
+
+// parseListRecord returns the key and entry of the list record at the start
+// of b, and false when its list is not one of greylistd's three.
+func parseListRecord(b []byte) (listKey, listEntry, bool) {
+	e := listEntry{
+		first: binary.BigEndian.Uint32(b[16:]),
+		last:  binary.BigEndian.Uint32(b[20:]),
+		count: binary.BigEndian.Uint32(b[24:]),
+		state: listState(b[28]),
+	}
+	return listKey(b[:16]), e, e.state >= listWhite && e.state <= listBlack
+}
+
+// changeList runs change on the greylistd entry of k (found false when there
+// is none, or it has expired) under the shard's lock, stores what change
+// returns (or deletes the entry when keep is false), and returns the entry
+// as it was. change must be quick: the shard waits for it.
+func (t *table) changeList(k listKey, now uint32, exp expiry, change func(old listEntry, found bool) (next listEntry, keep bool)) (listEntry, bool) {
+	s := t.shardFor(k.shardHash())
+	var evicted int
+	s.mu.Lock()
+	old, found := s.lists[k]
+	if found && old.expired(now, exp) {
+		delete(s.lists, k)
+		old, found = listEntry{}, false
+	}
+	next, keep := change(old, found)
+	switch {
+	case keep && !found:
+		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		if s.lists == nil {
+			s.lists = make(map[listKey]listEntry)
+		}
+		s.lists[k] = next
+	case keep:
+		s.lists[k] = next
+	case found:
+		delete(s.lists, k)
+	}
+	s.mu.Unlock()
+	if evicted > 0 {
+		t.evicted.Add(uint64(evicted))
+	}
+	return old, found
+}
+
+// lookupList returns the greylistd entry of k, unless there is none or it
+// has expired.
+func (t *table) lookupList(k listKey, now uint32, exp expiry) (listEntry, bool) {
+	s := t.shardFor(k.shardHash())
+	s.mu.RLock()
+	e, ok := s.lists[k]
+	s.mu.RUnlock()
+	if !ok || e.expired(now, exp) {
+		return listEntry{}, false
+	}
+	return e, true
+}
+
+// listTotals counts greylistd's live entries and the requests they matched,
+// by list (indexed by listState).
+type listTotals struct {
+	entries, hits [listBlack + 1]uint64
+}
+
+// countLists returns the totals of greylistd's live entries at now.
+func (t *table) countLists(now uint32, exp expiry) listTotals {
+	var tot listTotals
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.RLock()
+		for _, e := range s.lists {
+			if !e.expired(now, exp) {
+				tot.entries[e.state]++
+				tot.hits[e.state] += uint64(e.count)
+			}
+		}
+		s.mu.RUnlock()
+	}
+	return tot
+}
+
+// clearLists deletes every greylistd entry on list state and returns how
+// many it deleted.
+func (t *table) clearLists(state listState) int {
+	n := 0
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		for k, e := range s.lists {
+			if e.state == state {
+				delete(s.lists, k)
+				n++
+			}
+		}
+		s.mu.Unlock()
+	}
+	return n
+}
+
 // clamp returns clampFuture(v, now) and counts a change.
 func (t *table) clamp(v, now uint32) uint32 {
 	c, changed := clampFuture(v, now)
@@ -436,6 +660,26 @@ func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry)
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
 		s.known[client] = lastSeen
 		s.peakKnown = max(s.peakKnown, len(s.known))
+	}
+	s.mu.Unlock()
+	if evicted > 0 {
+		t.evicted.Add(uint64(evicted))
+	}
+}
+
+// restoreList inserts a greylistd entry loaded from a snapshot, unless the
+// data string is already held.
+func (t *table) restoreList(k listKey, e listEntry, now uint32, exp expiry) {
+	e.first, e.last = t.clamp(e.first, now), t.clamp(e.last, now)
+	s := t.shardFor(k.shardHash())
+	s.mu.Lock()
+	var evicted int
+	if _, ok := s.lists[k]; !ok {
+		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		if s.lists == nil {
+			s.lists = make(map[listKey]listEntry)
+		}
+		s.lists[k] = e
 	}
 	s.mu.Unlock()
 	if evicted > 0 {

@@ -1,0 +1,217 @@
+package main
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// This file is the greylistd socket (greylistd.go has the protocol): a unix
+// stream socket that answers one request per connection, the way Exim's
+// readsocket and greylistd's greylist tool use it.
+
+// listTimeout bounds how long a connection may take to send its request and
+// read the reply. Exim's ACL gives readsocket 5 seconds.
+const listTimeout = 10 * time.Second
+
+// A listServer answers greylistd requests on one unix socket, with one
+// goroutine per connection. A request is what the first read brings, up to
+// 16 KB, as greylistd reads it: neither a newline nor the end of input is
+// awaited (greylistd's own tool sends neither and waits for the answer).
+// The reply ends without a newline, and the server closes the connection.
+type listServer struct {
+	book     *listBook
+	ln       net.Listener
+	path     string // the socket file, removed when the server stops
+	log      *logger
+	dlog     *decisionLog
+	maxConns int
+
+	mu      sync.Mutex
+	conns   map[net.Conn]struct{} // open connections
+	closing bool
+	wg      sync.WaitGroup
+
+	scratch sync.Pool // *listConn
+	stripes [16]listCounts
+	nextID  atomic.Uint64
+}
+
+// listCounts is one stripe of the server's counters.
+type listCounts struct {
+	requests, malformed, refused, replies, readErrors, writeErrors atomic.Uint64
+	_                                                              [64]byte
+}
+
+// A listConn is the memory one connection works in, reused through a pool.
+type listConn struct {
+	buf   []byte
+	req   listRequest
+	reply []byte
+	logb  []byte
+}
+
+// newListServer returns a server for book on ln, whose socket file is path.
+func newListServer(book *listBook, ln net.Listener, path string, log *logger, dlog *decisionLog, maxConns int) *listServer {
+	s := &listServer{book: book, ln: ln, path: path, log: log, dlog: dlog, maxConns: maxConns,
+		conns: map[net.Conn]struct{}{}}
+	s.scratch.New = func() any {
+		return &listConn{buf: make([]byte, listRequestMax), reply: make([]byte, 0, 256), logb: make([]byte, 0, 256)}
+	}
+	return s
+}
+
+// Name returns "greylistd".
+func (s *listServer) Name() string { return "greylistd" }
+
+// Addr returns the socket's address.
+func (s *listServer) Addr() net.Addr { return s.ln.Addr() }
+
+// Serve accepts connections until Close, then waits for the connections it
+// is answering and removes the socket file.
+func (s *listServer) Serve() error {
+	var failures atomic.Uint64
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.closing
+			s.mu.Unlock()
+			if closing || errors.Is(err, net.ErrClosed) {
+				break
+			}
+			if rarely(&failures, 1) {
+				s.log.Errorf("greylistd: cannot accept a connection: %v", err)
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		s.accept(c)
+	}
+	s.wg.Wait()
+	if s.path != "" {
+		os.Remove(s.path)
+	}
+	return nil
+}
+
+// accept starts answering c, unless the server is at its connection cap.
+func (s *listServer) accept(c net.Conn) {
+	id := s.nextID.Add(1)
+	counts := &s.stripes[id%uint64(len(s.stripes))]
+	s.mu.Lock()
+	if s.closing || len(s.conns) >= s.maxConns {
+		full := !s.closing
+		s.mu.Unlock()
+		if full {
+			counts.refused.Add(1)
+			if s.dlog.allowBad(int(id), s.book.g.now()) {
+				s.log.Warnf("greylistd: %d connections open, the most allowed; closing a new one", s.maxConns)
+			}
+		}
+		c.Close()
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.wg.Done()
+		s.serveConn(c, counts, int(id))
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		c.Close()
+	}()
+}
+
+// serveConn reads one request from c, answers it and returns.
+func (s *listServer) serveConn(c net.Conn, counts *listCounts, id int) {
+	s.mu.Lock() // so as not to undo Close's deadline
+	if s.closing {
+		s.mu.Unlock()
+		return
+	}
+	c.SetDeadline(time.Now().Add(listTimeout))
+	s.mu.Unlock()
+	lc := s.scratch.Get().(*listConn)
+	defer s.scratch.Put(lc)
+	n, err := c.Read(lc.buf)
+	if err != nil && !errors.Is(err, io.EOF) {
+		// A timeout, the server stopping or a reset: nobody waits for
+		// an answer.
+		if !isTimeout(err) {
+			counts.readErrors.Add(1)
+		}
+		return
+	}
+	counts.requests.Add(1)
+	perr := lc.req.parse(lc.buf[:n])
+	lc.reply = s.book.answer(lc.reply[:0], &lc.req, perr)
+	if len(lc.reply) > 6 && string(lc.reply[:7]) == "error: " {
+		counts.malformed.Add(1)
+		if s.dlog.allowBad(id, s.book.g.now()) {
+			s.logRequest(lc, id)
+		}
+	} else {
+		s.logRequest(lc, id)
+	}
+	if _, err := c.Write(lc.reply); err != nil {
+		counts.writeErrors.Add(1)
+		return
+	}
+	counts.replies.Add(1)
+}
+
+// logRequest writes the decision log line of lc's request:
+//
+//	greylistd <command> <reply> <data>
+//
+// with the reply's first line only.
+func (s *listServer) logRequest(lc *listConn, id int) {
+	b := append(lc.logb[:0], "greylistd "...)
+	b = append(b, listCommandNames[lc.req.cmd]...)
+	b = append(b, ' ')
+	reply := lc.reply
+	for i, c := range reply {
+		if c == '\n' {
+			reply = reply[:i]
+			break
+		}
+	}
+	b = appendEscaped(b, reply, 128)
+	if d := lc.req.dataBytes(); len(d) > 0 {
+		b = append(b, ' ')
+		b = appendEscaped(b, d, 512)
+	}
+	lc.logb = append(b, '\n')
+	s.dlog.write(id, lc.logb)
+}
+
+// Close stops accepting and makes every open connection stop reading.
+func (s *listServer) Close() error {
+	s.mu.Lock()
+	s.closing = true
+	for c := range s.conns {
+		c.SetReadDeadline(time.Unix(1, 0))
+	}
+	s.mu.Unlock()
+	return s.ln.Close()
+}
+
+// UpdateStats adds what the server did so far to st.
+func (s *listServer) UpdateStats(st *FrontEndStats) {
+	for i := range s.stripes {
+		c := &s.stripes[i]
+		st.Requests += c.requests.Load()
+		st.Malformed += c.malformed.Load()
+		st.Refused += c.refused.Load()
+		st.Replies += c.replies.Load()
+		st.ReadErrors += c.readErrors.Load()
+		st.WriteErrors += c.writeErrors.Load()
+	}
+}
