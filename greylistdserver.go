@@ -165,6 +165,16 @@ func (s *listServer) serveConn(c net.Conn, counts *listCounts, id int) {
 		return
 	}
 	counts.replies.Add(1)
+	if n == len(lc.buf) {
+		// The request may go on. Closing with unread input would reset
+		// the connection and could lose the answer: read the rest,
+		// briefly, first.
+		if cw, ok := c.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		io.CopyN(io.Discard, c, 1<<20)
+	}
 }
 
 // logRequest writes the decision log line of lc's request:

@@ -52,6 +52,7 @@ func runMain(args []string) int {
 // exit code: 0 for none, 2 for a command line that cannot be understood
 // (with the usage), 1 for anything else.
 func exitCode(err error, stdout, stderr io.Writer) int {
+	var status exitStatus
 	switch {
 	case err == nil:
 		return 0
@@ -60,6 +61,8 @@ func exitCode(err error, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, errProblemsFound):
 		return 1 // check has printed them
+	case errors.As(err, &status):
+		return int(status)
 	case errors.Is(err, errUsage):
 		fmt.Fprintf(stderr, "greydaemon: error: %v\n%s", err, usageText)
 		return 2
@@ -86,6 +89,8 @@ func run(args []string, stdout, stderr io.Writer, signals <-chan os.Signal) erro
 			return lookupCommand(args[1:], stdout, nowFunc)
 		case "import-redis":
 			return importRedisCommand(args[1:], stdout, nowFunc)
+		case "greylist":
+			return greylistCommand(args[1:], stdout, stderr)
 		case "version":
 			fmt.Fprintln(stdout, versionLine())
 			return nil
