@@ -61,7 +61,7 @@ redis_fallback = "tempfail"
 		GreylistdListen: "/run/greydaemon/greylistd.sock", GreylistdSocketMode: "0666",
 		GreylistdRetryMin: Duration{5 * time.Minute}, GreylistdRetryMax: Duration{4 * time.Hour},
 		GreylistdExpire: Duration{30 * 24 * time.Hour},
-		RedisSentinels: []string{"127.0.0.1:26379"}, RedisMaster: "mymaster", RedisPrefix: "gd:",
+		RedisSentinels:  []string{"127.0.0.1:26379"}, RedisMaster: "mymaster", RedisPrefix: "gd:",
 		RedisTimeout: Duration{100 * time.Millisecond}, RedisFallback: "tempfail",
 	}
 	if !reflect.DeepEqual(c, want) {
