@@ -280,3 +280,46 @@ func TestListEntriesInTable(t *testing.T) {
 		}
 	}
 }
+
+// FuzzListRequest parses and answers arbitrary requests: nothing panics,
+// the text is the request's words as Python's split() finds them, joined
+// by single spaces, and every answer is one of greylistd's forms.
+func FuzzListRequest(f *testing.F) {
+	for _, s := range []string{"--grey 192.0.2.0 a b", "add --black x", "stats", "", "check", "clear --grey", "\xff update", "-- - ---"} {
+		f.Add([]byte(s))
+	}
+	b, _ := newTestListBook(f)
+	f.Fuzz(func(t *testing.T, in []byte) {
+		if len(in) > listRequestMax {
+			return
+		}
+		var r listRequest
+		perr := r.parse(in)
+		mapped := make([]byte, len(in))
+		for i, c := range in {
+			switch {
+			case c >= 'A' && c <= 'Z':
+				c += 'a' - 'A'
+			case c > 0x7f:
+				c = nonASCII
+			}
+			mapped[i] = c
+		}
+		words := strings.FieldsFunc(string(mapped), func(c rune) bool { return c < 0x80 && isListSpace(byte(c)) })
+		if string(r.text) != strings.Join(words, " ") {
+			t.Fatalf("parse(%q): text %q, want the words %q", in, r.text, words)
+		}
+		if r.cmd == cmdSave || r.cmd == cmdClear {
+			return // they act on the whole book
+		}
+		reply := string(b.answer(nil, &r, perr))
+		switch {
+		case perr != "" && reply != "error: "+perr:
+			t.Fatalf("%q: parse error %q answered %q", in, perr, reply)
+		case reply == "":
+			t.Fatalf("%q: empty answer", in)
+		case r.cmd != cmdStats && r.cmd != cmdMrtg && strings.ContainsAny(reply, "\n\r"):
+			t.Fatalf("%q: answer %q has a line break", in, reply)
+		}
+	})
+}

@@ -1,0 +1,374 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// This file runs greydaemon's greylistd socket against the real Exim (in
+// host-checking mode) and side by side with the real greylistd, both from
+// Debian's packages.
+
+// eximEnv names the Exim binary when it is not on the PATH: Debian allows
+// one mail server package, so CI unpacks exim4-daemon-light beside the
+// installed Postfix (`apt-get download`, `dpkg-deb -x`) and points this at
+// its usr/sbin/exim4.
+const eximEnv = "GREYDAEMON_EXIM"
+
+// requireExim returns the Exim binary, or skips (fails under
+// GREYDAEMON_REQUIRE_TOOLS) saying how to get one.
+func requireExim(t *testing.T) string {
+	t.Helper()
+	path := os.Getenv(eximEnv)
+	if path == "" {
+		path, _ = exec.LookPath("exim4")
+	}
+	var msg string
+	switch {
+	case path == "":
+		msg = "exim4 is not installed (apt-get install exim4-daemon-light, or unpack it and set " + eximEnv + ")"
+	default:
+		if _, err := user.Lookup("Debian-exim"); err != nil {
+			msg = "Exim needs its Debian-exim user (useradd --system --user-group Debian-exim)"
+		}
+	}
+	if msg != "" {
+		if os.Getenv(requireToolsEnv) != "" {
+			t.Fatalf("%s, and %s is set", msg, requireToolsEnv)
+		}
+		t.Skip(msg)
+	}
+	return path
+}
+
+// worldDir returns a new directory that every user may enter (Exim drops
+// to Debian-exim before it runs the ACLs, and must reach the socket),
+// removed when the test ends.
+func worldDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "greydaemon-exim-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// eximConfig writes a private Exim configuration whose RCPT ACL asks the
+// greylistd socket at sock as Debian's greylistd documentation does (with
+// the /24 mask), and returns its path.
+func eximConfig(t *testing.T, dir, sock string) string {
+	t.Helper()
+	for _, sub := range []string{"spool", "log"} {
+		if err := os.Mkdir(filepath.Join(dir, sub), 0o777); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(filepath.Join(dir, sub), 0o777) // whatever the umask
+	}
+	conf := fmt.Sprintf(`primary_hostname = mx.test.example
+domainlist local_domains = example.net
+spool_directory = %[1]s/spool
+log_file_path = %[1]s/log/%%slog
+acl_smtp_rcpt = acl_check_rcpt
+begin acl
+acl_check_rcpt:
+  defer
+    message   = $sender_host_address is not yet authorized to deliver mail from <$sender_address> to <$local_part@$domain>. Please try later.
+    condition = ${readsocket{%[2]s}{--grey ${mask:$sender_host_address/24} $sender_address $local_part@$domain}{5s}{}{false}}
+  accept
+    domains = +local_domains
+  deny
+    message = relay not permitted
+`, dir, sock)
+	path := filepath.Join(dir, "exim.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// eximSession runs one SMTP dialogue through `exim -bh` from client and
+// returns the replies to each RCPT TO, in order.
+func eximSession(t *testing.T, exim, conf, client, from string, rcpts ...string) []string {
+	t.Helper()
+	var in strings.Builder
+	in.WriteString("HELO client.example\r\nMAIL FROM:<" + from + ">\r\n")
+	for _, r := range rcpts {
+		in.WriteString("RCPT TO:<" + r + ">\r\n")
+	}
+	in.WriteString("QUIT\r\n")
+	cmd := exec.Command(exim, "-C", conf, "-bh", client)
+	cmd.Stdin = strings.NewReader(in.String())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("exim -bh: %v\n%s", err, out)
+	}
+	// The replies, in order: banner, HELO, MAIL, each RCPT, QUIT; the
+	// lines starting ">>>" or "LOG:" are Exim's commentary.
+	// A multi-line reply ("451-...", then "451 ...") is joined into one.
+	var replies []string
+	var pending string
+	for _, line := range strings.Split(string(out), "\n") {
+		line = strings.TrimRight(line, "\r")
+		if len(line) < 4 || line[0] < '2' || line[0] > '5' || line[3] != ' ' && line[3] != '-' {
+			continue
+		}
+		if pending == "" {
+			pending = line[:3] + " "
+		} else {
+			pending += " "
+		}
+		pending += line[4:]
+		if line[3] == ' ' {
+			replies = append(replies, pending)
+			pending = ""
+		}
+	}
+	if len(replies) != 4+len(rcpts) {
+		t.Fatalf("exim -bh gave %d replies, want %d:\n%s", len(replies), 4+len(rcpts), out)
+	}
+	return replies[3 : 3+len(rcpts)]
+}
+
+// TestRealExim drives Debian's Exim through its RCPT ACL with greydaemon
+// answering on the greylistd socket: the first attempt is deferred (451),
+// a second recipient on its own, and a retry after greylistd_retry_min is
+// accepted. It also shows why the socket's permissions matter: when Exim
+// cannot open it, the ACL's {false} fallback accepts the mail unchecked.
+func TestRealExim(t *testing.T) {
+	exim := requireExim(t)
+	dir := worldDir(t)
+	sock := filepath.Join(dir, "greylistd.sock")
+	clock := newFakeClock()
+	td, _ := startListDaemon(t, clock, func(c *Config) { c.GreylistdListen = sock })
+	// Debian-exim reaches the socket through its group, as the README
+	// says to set it up; without root, through a mode open to all.
+	if os.Geteuid() == 0 {
+		grp, err := user.LookupGroup("Debian-exim")
+		if err != nil {
+			t.Fatal(err)
+		}
+		gid, _ := strconv.Atoi(grp.Gid)
+		if err := os.Chown(sock, 0, gid); err != nil {
+			t.Fatal(err)
+		}
+	} else if err := os.Chmod(sock, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	conf := eximConfig(t, dir, sock)
+
+	got := eximSession(t, exim, conf, "192.0.2.33", "alice@example.org", "bob@example.net")
+	if !strings.HasPrefix(got[0], "451 192.0.2.33 is not yet authorized") {
+		t.Fatalf("first attempt: %q, want 451", got[0])
+	}
+	clock.advance(5 * time.Minute)
+	got = eximSession(t, exim, conf, "192.0.2.77", "alice@example.org", "bob@example.net", "carol@example.net")
+	if !strings.HasPrefix(got[0], "451 ") || !strings.HasPrefix(got[1], "451 ") {
+		t.Fatalf("retry too soon, from another address of the /24, with a new recipient: %q, want 451 twice", got)
+	}
+	clock.advance(6 * time.Minute)
+	got = eximSession(t, exim, conf, "192.0.2.33", "alice@example.org", "bob@example.net", "carol@example.net")
+	if got[0] != "250 Accepted" || !strings.HasPrefix(got[1], "451 ") {
+		t.Fatalf("retry 11 minutes after the first attempt: %q, want 250 for bob and 451 for carol (first seen 6 minutes ago)", got)
+	}
+
+	// The socket closed to Debian-exim (root's alone, or nobody's): the
+	// ACL falls back to {false} and a sender never seen is accepted.
+	if os.Geteuid() == 0 {
+		if err := os.Chmod(sock, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		got = eximSession(t, exim, conf, "203.0.113.5", "spammer@example.com", "bob@example.net")
+		if got[0] != "250 Accepted" {
+			t.Fatalf("unreachable socket: %q; Exim's {false} fallback should accept", got[0])
+		}
+	}
+	if err := td.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(td.out.String(), "greylistd update true 192.0.2.0/24 alice@example.org bob@example.net") {
+		t.Errorf("decision log lacks the first request:\n%s", td.out.String())
+	}
+}
+
+// startRealGreylistd runs Debian's greylistd privately (its socket and
+// state in dir, retryMin 1 second) and returns the socket's path and a
+// function that stops it with SIGTERM, which makes it save.
+func startRealGreylistd(t *testing.T, dir string) (string, func()) {
+	t.Helper()
+	python := requireTool(t, "python3", "python3")
+	if _, err := os.Stat("/usr/sbin/greylistd"); err != nil {
+		msg := "greylistd is not installed (apt-get install --no-install-recommends greylistd)"
+		if os.Getenv(requireToolsEnv) != "" {
+			t.Fatalf("%s, and %s is set", msg, requireToolsEnv)
+		}
+		t.Skip(msg)
+	}
+	me, err := user.Current()
+	if err != nil {
+		t.Fatal(err)
+	}
+	grp, err := user.LookupGroupId(me.Gid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "real.sock")
+	conf := filepath.Join(dir, "greylistd.conf")
+	os.WriteFile(conf, []byte(fmt.Sprintf(`[timeouts]
+retryMin = 1
+retryMax = 28800
+expire = 5184000
+[socket]
+path = %s
+mode = 0660
+owner = %s:%s
+[data]
+update = 3600
+statefile = %s
+tripletfile = %s
+savetriplets = false
+`, sock, me.Username, grp.Name, filepath.Join(dir, "states"), filepath.Join(dir, "triplets"))), 0o644)
+	cmd := exec.Command(python, "/usr/sbin/greylistd", conf)
+	// As its Debian unit runs it: no PYTHONHASHSEED, so Python picks a
+	// new string hash seed at every start.
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "PYTHONHASHSEED=") && !strings.HasPrefix(kv, "LISTEN_FDS=") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}
+	t.Cleanup(stop)
+	for i := 0; ; i++ {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if i == 200 {
+			t.Fatalf("greylistd did not listen on %s within 10 s:\n%s", sock, out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return sock, stop
+}
+
+// TestRealGreylistdOracle sends one request sequence to the real greylistd
+// and to greydaemon and requires the same replies, byte for byte; then
+// restarts both and shows the difference: greylistd forgets (its keys are
+// Python's per-process string hashes), greydaemon does not.
+func TestRealGreylistdOracle(t *testing.T) {
+	dir := t.TempDir()
+	real, stopReal := startRealGreylistd(t, dir)
+	state := filepath.Join(dir, "greydaemon.state")
+	edit := func(c *Config) {
+		c.StateFile = state
+		c.GreylistdRetryMin = Duration{time.Second}
+	}
+	ours := filepath.Join(dir, "ours.sock")
+	td := startTestDaemon(t, settingsOf(t, listConfig(edit, ours)), time.Now, nil)
+
+	const triplet = "192.0.2.0/24 alice@example.org bob@example.net"
+	sequence := []string{
+		"--grey " + triplet,
+		"check " + triplet,
+		"status " + triplet,
+		"update --white " + triplet,
+		"STATUS  192.0.2.0/24\tALICE@example.org   bob@EXAMPLE.net\n",
+		"add --black 198.51.100.7",
+		"check 198.51.100.7",
+		"check --white 198.51.100.7",
+		"update 198.51.100.7",
+		"delete 198.51.100.7",
+		"delete 198.51.100.7",
+		"status 198.51.100.7",
+		"add --purple 198.51.100.7",
+		"add 198.51.100.8",
+		"add --grey 198.51.100.8",
+		"update --bogus " + triplet,
+		"",
+		"   ",
+		"check",
+		"--grey",
+		"stats extra",
+		"list",
+		"updates are words " + triplet,
+		"-x -y " + triplet,
+		"clear --purple",
+	}
+	ask := func(round string, requests []string) {
+		t.Helper()
+		for _, r := range requests {
+			want := askSocket(t, real, r, true)
+			got := askSocket(t, ours, r, true)
+			if got != want {
+				t.Errorf("%s: %q: greydaemon answered %q, greylistd %q", round, r, got, want)
+			}
+		}
+	}
+	ask("first round", sequence)
+	// retryMin is 1 second, compared in whole seconds, strictly: white
+	// two whole seconds later.
+	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(2100 * time.Millisecond)))
+	ask("after retryMin", []string{
+		"check --grey " + triplet,
+		"update --grey " + triplet,
+		"status " + triplet,
+		"update " + triplet,
+		"status 198.51.100.8",
+	})
+	if got := askSocket(t, ours, "status "+triplet, true); got != "white" {
+		t.Fatalf("before the restart the triplet is %q, want white", got)
+	}
+
+	// Restart both.
+	stopReal()
+	if err := td.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(real)
+	real, _ = startRealGreylistd(t, dir)
+	td = startTestDaemon(t, settingsOf(t, listConfig(edit, ours)), time.Now, nil)
+	defer td.stop(t)
+	realAnswer := askSocket(t, real, "--grey "+triplet, true)
+	ourAnswer := askSocket(t, ours, "--grey "+triplet, true)
+	t.Logf("after a restart, a triplet white before it: greylistd %q, greydaemon %q", realAnswer, ourAnswer)
+	if ourAnswer != "false" {
+		t.Errorf("greydaemon after a restart: %q, want false (still white)", ourAnswer)
+	}
+	if realAnswer != "true" {
+		t.Errorf("greylistd after a restart: %q; expected true (it forgets, its keys being per-process hashes)", realAnswer)
+	}
+}
+
+// listConfig returns the default configuration with the greylistd socket
+// at sock, edited by edit.
+func listConfig(edit func(*Config), sock string) Config {
+	c := defaultConfig()
+	c.GreylistdListen = sock
+	edit(&c)
+	return c
+}
