@@ -1,5 +1,6 @@
-// Greyload is a load generator for greydaemon's qmail UDP protocol and its
-// Postfix policy protocol (policy.go).
+// Greyload is a load generator for greydaemon's qmail UDP protocol, its
+// Postfix policy protocol (policy.go) and greylistd's protocol for Exim
+// (greylistd.go).
 //
 // Usage:
 //
@@ -56,6 +57,10 @@ func main() {
 		err = runPolicy(os.Args[2:])
 	case "nullpolicy":
 		err = runNullPolicy(os.Args[2:])
+	case "greylistd":
+		err = runGreylistd(os.Args[2:])
+	case "nullgreylistd":
+		err = runNullGreylistd(os.Args[2:])
 	default:
 		usage()
 	}
@@ -66,7 +71,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: greyload run|null|fill|policy|nullpolicy [flags]   (greyload CMD -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: greyload run|null|fill|policy|nullpolicy|greylistd|nullgreylistd [flags]   (greyload CMD -h for flags)")
 	os.Exit(2)
 }
 
