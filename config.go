@@ -46,11 +46,12 @@ type Config struct {
 	PolicyIdleTimeout    Duration `toml:"policy_idle_timeout"`    // a connection idle this long is closed
 
 	// greylistd's protocol, for Exim (greylistd.go).
-	GreylistdListen     string   `toml:"greylistd_listen"`      // unix socket path; empty: off
-	GreylistdSocketMode string   `toml:"greylistd_socket_mode"` // octal mode of the socket
-	GreylistdRetryMin   Duration `toml:"greylistd_retry_min"`   // greylistd's retryMin: grey turns white after this
-	GreylistdRetryMax   Duration `toml:"greylistd_retry_max"`   // greylistd's retryMax: grey entries unseen this long go
-	GreylistdExpire     Duration `toml:"greylistd_expire"`      // greylistd's expire: white and black entries unseen this long go
+	GreylistdListen     string   `toml:"greylistd_listen"`       // unix socket path; empty: off
+	GreylistdSocketMode string   `toml:"greylistd_socket_mode"`  // octal mode of the socket
+	GreylistdGroup      string   `toml:"greylistd_socket_group"` // group of the socket (Exim's, e.g. Debian-exim); empty: the daemon's
+	GreylistdRetryMin   Duration `toml:"greylistd_retry_min"`    // greylistd's retryMin: grey turns white after this
+	GreylistdRetryMax   Duration `toml:"greylistd_retry_max"`    // greylistd's retryMax: grey entries unseen this long go
+	GreylistdExpire     Duration `toml:"greylistd_expire"`       // greylistd's expire: white and black entries unseen this long go
 
 	// Shared state in Redis (redis.go).
 	RedisURL       string   `toml:"redis_url"`       // redis://[user:pass@]host:port/db or rediss://; empty: off

@@ -172,10 +172,10 @@ func (d *daemon) open(set *Settings) error {
 	}
 	d.warnIfOpen(set)
 
+	if err := d.giveSockets(set); err != nil {
+		return err
+	}
 	if set.User != "" {
-		if err := d.giveSocketsTo(set); err != nil {
-			return err
-		}
 		if err := dropPrivileges(set.User); err != nil {
 			return err
 		}
@@ -230,19 +230,24 @@ func (d *daemon) open(set *Settings) error {
 // one Exim process waiting for one answer.
 const listMaxConnections = 1024
 
-// giveSocketsTo makes the unix sockets' files belong to the -u user and its
-// group, when the daemon runs as root, so that a mail server in that group
-// (Debian-exim, postfix) can connect once the mode allows the group.
-func (d *daemon) giveSocketsTo(set *Settings) error {
-	if os.Geteuid() != 0 {
-		return nil
-	}
-	for _, path := range []string{d.policyPath(), set.GreylistdListen} {
-		if path == "" {
-			continue
+// giveSockets sets the owners of the unix sockets' files: the -u user and
+// its group when the daemon runs as root, and then, for the greylistd
+// socket, greylistd_socket_group if set, so that the mail server's user
+// (Debian-exim) can connect as a member of the socket's group.
+func (d *daemon) giveSockets(set *Settings) error {
+	if set.User != "" && os.Geteuid() == 0 {
+		for _, path := range []string{d.policyPath(), set.GreylistdListen} {
+			if path == "" {
+				continue
+			}
+			if err := chownToUser(path, set.User); err != nil {
+				return err
+			}
 		}
-		if err := chownToUser(path, set.User); err != nil {
-			return err
+	}
+	if set.GreylistdListen != "" && set.GreylistdGroup != "" {
+		if err := chgrpTo(set.GreylistdListen, set.GreylistdGroup); err != nil {
+			return fmt.Errorf("%s: %w", set.Source.describe("greylistd_socket_group"), err)
 		}
 	}
 	return nil
@@ -534,6 +539,7 @@ func (d *daemon) reload() (err error) {
 		{"redis_prefix", old.RedisPrefix, set.RedisPrefix, func() { set.RedisPrefix = old.RedisPrefix }},
 		{"redis_fallback", old.RedisFallback, set.RedisFallback, func() { set.RedisFallback = old.RedisFallback }},
 		{"greylistd_listen", old.GreylistdListen, set.GreylistdListen, func() { set.GreylistdListen = old.GreylistdListen }},
+		{"greylistd_socket_group", old.GreylistdGroup, set.GreylistdGroup, func() { set.GreylistdGroup = old.GreylistdGroup }},
 		{"greylistd_socket_mode", old.GreylistdSocketMode, set.GreylistdSocketMode, func() {
 			set.GreylistdSocketMode, set.ListMode = old.GreylistdSocketMode, old.ListMode
 		}},

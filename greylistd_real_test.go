@@ -152,20 +152,30 @@ func TestRealExim(t *testing.T) {
 	dir := worldDir(t)
 	sock := filepath.Join(dir, "greylistd.sock")
 	clock := newFakeClock()
-	td, _ := startListDaemon(t, clock, func(c *Config) { c.GreylistdListen = sock })
 	// Debian-exim reaches the socket through its group, as the README
-	// says to set it up; without root, through a mode open to all.
-	if os.Geteuid() == 0 {
+	// says to set it up (greylistd_socket_group); without root, through a
+	// mode open to all.
+	root := os.Geteuid() == 0
+	td, _ := startListDaemon(t, clock, func(c *Config) {
+		c.GreylistdListen = sock
+		if root {
+			c.GreylistdGroup = "Debian-exim"
+		} else {
+			c.GreylistdSocketMode = "0666"
+		}
+	})
+	if root {
 		grp, err := user.LookupGroup("Debian-exim")
 		if err != nil {
 			t.Fatal(err)
 		}
-		gid, _ := strconv.Atoi(grp.Gid)
-		if err := os.Chown(sock, 0, gid); err != nil {
+		fi, err := os.Stat(sock)
+		if err != nil {
 			t.Fatal(err)
 		}
-	} else if err := os.Chmod(sock, 0o666); err != nil {
-		t.Fatal(err)
+		if gid := fi.Sys().(*syscall.Stat_t).Gid; strconv.Itoa(int(gid)) != grp.Gid || fi.Mode().Perm() != 0o660 {
+			t.Fatalf("socket group %d mode %v; want Debian-exim's group (%s) and 0660", gid, fi.Mode().Perm(), grp.Gid)
+		}
 	}
 	conf := eximConfig(t, dir, sock)
 
@@ -186,7 +196,7 @@ func TestRealExim(t *testing.T) {
 
 	// The socket closed to Debian-exim (root's alone, or nobody's): the
 	// ACL falls back to {false} and a sender never seen is accepted.
-	if os.Geteuid() == 0 {
+	if root {
 		if err := os.Chmod(sock, 0o600); err != nil {
 			t.Fatal(err)
 		}

@@ -36,6 +36,23 @@ func chownToUser(path, name string) error {
 	return nil
 }
 
+// chgrpTo gives the file at path to the named group. The daemon must run
+// as root or be a member of the group.
+func chgrpTo(path, group string) error {
+	g, err := user.LookupGroup(group)
+	if err != nil {
+		return fmt.Errorf("cannot find group %q: %w", group, err)
+	}
+	gid, err := strconv.Atoi(g.Gid)
+	if err != nil {
+		return fmt.Errorf("group %q: bad gid %q", group, g.Gid)
+	}
+	if err := os.Chown(path, -1, gid); err != nil {
+		return fmt.Errorf("cannot give %q to group %q (greydaemon must run as root or as a member of the group): %w", path, group, err)
+	}
+	return nil
+}
+
 // dropPrivileges switches the process to the named user: its uid, its
 // primary group, and no supplementary groups. Go applies each of these
 // calls to every thread of the process. It refuses a user with uid 0, since
