@@ -20,6 +20,7 @@ const usageText = `usage: greydaemon [-d] [-c config.toml] [-u user] [-w whiteli
        greydaemon check [-c config.toml] [flags] [ipaddr[:port] savefile]
        greydaemon lookup [-c config.toml | savefile] IP [SENDER RECIPIENT]
        greydaemon import-redis [-c config.toml] [flags] savefile
+       greydaemon import-greylistd [-c config.toml] [flags] STATES TRIPLETS
        greydaemon greylist [-c config.toml | -socket path] ACTION [--white|--grey|--black] [DATA...]
        greydaemon dump FILE
        greydaemon version
@@ -41,6 +42,7 @@ in ./greydaemon.state (or where the config file says).
   check    validate the settings, the whitelist and the state file; exit 1 on any problem
   lookup   explain from the state file how a client or a triplet will be answered
   import-redis  copy a snapshot or Perl save file into the Redis the settings name
+  import-greylistd  add greylistd's entries (its states and triplets files) to the state file
   greylist send one request to the greylistd socket, as greylistd's greylist tool:
            ACTION is update, check, add, delete, status, stats, mrtg, list, clear or save
   dump     print a state file as Perl save-file lines

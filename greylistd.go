@@ -113,36 +113,12 @@ const nonASCII = 0x80
 // parse parses req into r, reusing r's memory. It returns "" or, for a
 // request greylistd refuses before it runs a command, the reason.
 func (r *listRequest) parse(req []byte) string {
-	r.cmd, r.text, r.options, r.data = cmdUpdate, r.text[:0], r.options[:0], span{}
-	firstEnd := int32(-1) // where the first word ends
-	inWord := false
-	for _, c := range req {
-		if isListSpace(c) {
-			if inWord && firstEnd < 0 {
-				firstEnd = int32(len(r.text))
-			}
-			inWord = false
-			continue
-		}
-		if !inWord && len(r.text) > 0 {
-			r.text = append(r.text, ' ')
-		}
-		inWord = true
-		switch {
-		case c >= 'A' && c <= 'Z':
-			c += 'a' - 'A'
-		case c > 0x7f:
-			c = nonASCII
-		}
-		r.text = append(r.text, c)
-	}
+	r.cmd, r.options, r.data = cmdUpdate, r.options[:0], span{}
+	var firstEnd int32 // where the first word ends
+	r.text, firstEnd = appendListWords(r.text[:0], req)
 	if len(r.text) == 0 {
 		return "No data received"
 	}
-	if firstEnd < 0 {
-		firstEnd = int32(len(r.text))
-	}
-	r.cmd = cmdUpdate
 	pos := int32(0) // where the words after the command start
 	for c, name := range listCommandNames {
 		if string(r.text[:firstEnd]) == name {
@@ -172,6 +148,39 @@ func (r *listRequest) parse(req []byte) string {
 		return "Too many arguments"
 	}
 	return ""
+}
+
+// appendListWords appends the words of b to dst as greylistd sees them:
+// lowercased, bytes above 0x7f as nonASCII, split at white space and joined
+// by single spaces. It also returns where the first word ends in dst.
+func appendListWords(dst, b []byte) ([]byte, int32) {
+	start := len(dst)
+	firstEnd := int32(-1)
+	inWord := false
+	for _, c := range b {
+		if isListSpace(c) {
+			if inWord && firstEnd < 0 {
+				firstEnd = int32(len(dst))
+			}
+			inWord = false
+			continue
+		}
+		if !inWord && len(dst) > start {
+			dst = append(dst, ' ')
+		}
+		inWord = true
+		switch {
+		case c >= 'A' && c <= 'Z':
+			c += 'a' - 'A'
+		case c > 0x7f:
+			c = nonASCII
+		}
+		dst = append(dst, c)
+	}
+	if firstEnd < 0 {
+		firstEnd = int32(len(dst))
+	}
+	return dst, firstEnd
 }
 
 // appendListText appends b to dst as a reply shows request text.

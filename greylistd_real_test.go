@@ -216,7 +216,7 @@ func TestRealExim(t *testing.T) {
 // startRealGreylistd runs Debian's greylistd privately (its socket and
 // state in dir, retryMin 1 second) and returns the socket's path and a
 // function that stops it with SIGTERM, which makes it save.
-func startRealGreylistd(t *testing.T, dir string) (string, func()) {
+func startRealGreylistd(t *testing.T, dir string, saveTriplets bool) (string, func()) {
 	t.Helper()
 	python := requireTool(t, "python3", "python3")
 	if _, err := os.Stat("/usr/sbin/greylistd"); err != nil {
@@ -248,8 +248,8 @@ owner = %s:%s
 update = 3600
 statefile = %s
 tripletfile = %s
-savetriplets = false
-`, sock, me.Username, grp.Name, filepath.Join(dir, "states"), filepath.Join(dir, "triplets"))), 0o644)
+savetriplets = %t
+`, sock, me.Username, grp.Name, filepath.Join(dir, "states"), filepath.Join(dir, "triplets"), saveTriplets)), 0o644)
 	cmd := exec.Command(python, "/usr/sbin/greylistd", conf)
 	// As its Debian unit runs it: no PYTHONHASHSEED, so Python picks a
 	// new string hash seed at every start.
@@ -292,7 +292,7 @@ savetriplets = false
 // Python's per-process string hashes), greydaemon does not.
 func TestRealGreylistdOracle(t *testing.T) {
 	dir := t.TempDir()
-	real, stopReal := startRealGreylistd(t, dir)
+	real, stopReal := startRealGreylistd(t, dir, false)
 	state := filepath.Join(dir, "greydaemon.state")
 	edit := func(c *Config) {
 		c.StateFile = state
@@ -360,7 +360,7 @@ func TestRealGreylistdOracle(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.Remove(real)
-	real, _ = startRealGreylistd(t, dir)
+	real, _ = startRealGreylistd(t, dir, false)
 	td = startTestDaemon(t, settingsOf(t, listConfig(edit, ours)), time.Now, nil)
 	defer td.stop(t)
 	realAnswer := askSocket(t, real, "--grey "+triplet, true)
@@ -381,4 +381,40 @@ func listConfig(edit func(*Config), sock string) Config {
 	c.GreylistdListen = sock
 	edit(&c)
 	return c
+}
+
+// TestRealGreylistdMigration moves a real greylistd's entries to greydaemon
+// with import-greylistd, as the README's steps say: stop greylistd (it
+// saves), import its files, start greydaemon.
+func TestRealGreylistdMigration(t *testing.T) {
+	dir := t.TempDir()
+	real, stopReal := startRealGreylistd(t, dir, true)
+	const white, grey, black = "192.0.2.0/24 alice@example.org bob@example.net", "198.51.100.0/24 x@example.com y@example.net", "spammer.example"
+	askSocket(t, real, "update "+white, true)
+	askSocket(t, real, "update "+grey, true)
+	askSocket(t, real, "add --black "+black, true)
+	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(2100 * time.Millisecond)))
+	if got := askSocket(t, real, "update "+white, true); got != "white" {
+		t.Fatalf("greylistd: the retry answered %q", got)
+	}
+	stopReal()
+
+	state := filepath.Join(dir, "greydaemon.state")
+	conf := writeTemp(t, "g.toml", "state_file = \""+state+"\"\ngreylistd_retry_min = \"1s\"\n")
+	var out strings.Builder
+	if err := importGreylistdCommand([]string{"-c", conf, filepath.Join(dir, "states"), filepath.Join(dir, "triplets")}, &out, time.Now); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s", out.String())
+	if !strings.HasPrefix(out.String(), "imported 3 greylistd entries") {
+		t.Fatalf("import: %s", out.String())
+	}
+	ours := filepath.Join(dir, "ours.sock")
+	td := startTestDaemon(t, settingsOf(t, listConfig(func(c *Config) { c.StateFile = state }, ours)), time.Now, nil)
+	defer td.stop(t)
+	for _, tc := range [][2]string{{white, "white"}, {grey, "grey"}, {black, "black"}} {
+		if got := askSocket(t, ours, "status "+tc[0], true); got != tc[1] {
+			t.Errorf("after the migration, %q is %q, want %q", tc[0], got, tc[1])
+		}
+	}
 }

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bytes"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -322,4 +325,69 @@ func FuzzListRequest(f *testing.F) {
 			t.Fatalf("%q: answer %q has a line break", in, reply)
 		}
 	})
+}
+
+// TestImportGreylistd imports greylistd's files (in the form greylistd 0.9
+// writes them) into a state file that holds qmail entries already.
+func TestImportGreylistd(t *testing.T) {
+	dir := t.TempDir()
+	clock := newFakeClock()
+	now := clock.unix.Load()
+	states := filepath.Join(dir, "states")
+	triplets := filepath.Join(dir, "triplets")
+	os.WriteFile(states, fmt.Appendf(nil, `[white]
+3211087187477917295 = %[1]d %[2]d 4
+
+[grey]
+2782530476459101225 = %[1]d %[1]d 1
+1111 = %[1]d %[1]d 1
+5 = %[3]d %[3]d 1
+
+[black]
+-7034643071780532431 = %[1]d %[1]d 2
+9 = not numbers
+
+[statistics]
+white = 1
+grey = 2
+start = %[2]d
+`, now-100, now-5000, now-9*3600), 0o644)
+	os.WriteFile(triplets, []byte("3211087187477917295 = 1.2.3.0/24 A@b c@d\n"+
+		"-7034643071780532431 = spam.example\n2782530476459101225 = x y z\n5 = old grey\nnonsense\n"), 0o644)
+
+	cfg := defaultConfig()
+	cfg.StateFile = filepath.Join(dir, "greydaemon.state")
+	// A state file with a qmail entry, which the import must keep.
+	addr, stop := startDaemon(t, cfg, clock.now)
+	exchange(t, dial(t, addr), req("192.0.2.1", "a@example.org", "b@example.net"), time.Second)
+	stop()
+	var out bytes.Buffer
+	args := []string{"-c", writeTemp(t, "g.toml", "state_file = \""+cfg.StateFile+"\"\n"), states, triplets}
+	if err := importGreylistdCommand(args, &out, clock.now); err != nil {
+		t.Fatal(err)
+	}
+	want := "imported 3 greylistd entries into " + cfg.StateFile + "; 1 expired, 1 without text in " + triplets +
+		" (cannot be carried over), 0 already held, 2 unreadable lines\n"
+	if out.String() != want {
+		t.Fatalf("import said %q, want %q", out.String(), want)
+	}
+	if n := greyInState(t, cfg.StateFile); n != 1 {
+		t.Fatalf("after the import the state file holds %d grey triplets, want the 1 it held", n)
+	}
+	td, path := startListDaemon(t, clock, func(c *Config) { c.StateFile = cfg.StateFile })
+	defer td.stop(t)
+	for _, tc := range [][2]string{{"1.2.3.0/24 a@b c@d", "white"}, {"spam.example", "black"}, {"x y z", "grey"}, {"old grey", "unseen"}} {
+		if got := askSocket(t, path, "status "+tc[0], true); got != tc[1] {
+			t.Errorf("after the import, %q is %q, want %q", tc[0], got, tc[1])
+		}
+	}
+	if got := askSocket(t, path, "stats", true); !strings.Contains(got, "1 items, matching 4 requests, are currently whitelisted") {
+		t.Errorf("the white entry's count was not imported:\n%s", got)
+	}
+
+	// A second import while the daemon runs is refused: it holds the lock.
+	err := importGreylistdCommand(args, &out, clock.now)
+	if err == nil || !strings.Contains(err.Error(), "lock") && !strings.Contains(err.Error(), "running") {
+		t.Fatalf("import while the daemon runs: %v", err)
+	}
 }

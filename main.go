@@ -89,6 +89,8 @@ func run(args []string, stdout, stderr io.Writer, signals <-chan os.Signal) erro
 			return lookupCommand(args[1:], stdout, nowFunc)
 		case "import-redis":
 			return importRedisCommand(args[1:], stdout, nowFunc)
+		case "import-greylistd":
+			return importGreylistdCommand(args[1:], stdout, nowFunc)
 		case "greylist":
 			return greylistCommand(args[1:], stdout, stderr)
 		case "version":
