@@ -125,7 +125,12 @@ func (d *daemon) open(set *Settings) error {
 	}
 	d.lock = lock
 
-	conns, activated, err := openQmailSockets(set.ListenAddr)
+	passed, err := takePassedSockets()
+	if err != nil {
+		return err
+	}
+	defer passed.closeAll() // any not taken
+	conns, activated, err := openQmailSockets(set.ListenAddr, passed)
 	if err != nil {
 		return fmt.Errorf("%s: %w", set.Source.describe("listen"), err)
 	}
@@ -147,8 +152,13 @@ func (d *daemon) open(set *Settings) error {
 		}
 	}
 	if set.PolicyListen != "" {
-		ln, unixPath, err := listenPolicy(set.PolicyListen, set.PolicyMode)
-		if err != nil {
+		var ln net.Listener
+		var unixPath string
+		path, isUnix := strings.CutPrefix(set.PolicyListen, "unix:")
+		if l := passed.takeUnix(path); isUnix && l != nil {
+			ln = l
+			d.log.Infof("policy_listen: using the socket %s passed by the service manager", path)
+		} else if ln, unixPath, err = listenPolicy(set.PolicyListen, set.PolicyMode); err != nil {
 			return fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
 		}
 		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, maxConns: set.PolicyMaxConnections,
@@ -156,12 +166,21 @@ func (d *daemon) open(set *Settings) error {
 		d.frontEnds = append(d.frontEnds, d.policy)
 	}
 	if set.GreylistdListen != "" {
-		ln, err := listenUnix(set.GreylistdListen, set.ListMode, "greylistd requests")
-		if err != nil {
+		// A socket the service manager passed stays its file: greydaemon
+		// neither changes its owner nor removes it at the end.
+		ln, path := passed.takeUnix(set.GreylistdListen), ""
+		if ln != nil {
+			d.log.Infof("greylistd_listen: using the socket %s passed by the service manager", set.GreylistdListen)
+		} else if ln, err = listenUnix(set.GreylistdListen, set.ListMode, "greylistd requests"); err != nil {
 			return fmt.Errorf("%s: %w", set.Source.describe("greylistd_listen"), err)
+		} else {
+			path = set.GreylistdListen
 		}
-		d.list = newListServer(nil, ln, set.GreylistdListen, d.log, nil, listMaxConnections)
+		d.list = newListServer(nil, ln, path, d.log, nil, listMaxConnections)
 		d.frontEnds = append(d.frontEnds, d.list)
+	}
+	for _, ln := range passed.streams {
+		d.log.Warnf("the service manager passed the socket %s, which no front end is configured for (greylistd_listen, policy_listen); closing it", ln.Addr())
 	}
 	if set.MetricsListen != "" {
 		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
@@ -235,8 +254,12 @@ const listMaxConnections = 1024
 // socket, greylistd_socket_group if set, so that the mail server's user
 // (Debian-exim) can connect as a member of the socket's group.
 func (d *daemon) giveSockets(set *Settings) error {
+	listPath := ""
+	if d.list != nil {
+		listPath = d.list.path // "" for a passed socket
+	}
 	if set.User != "" && os.Geteuid() == 0 {
-		for _, path := range []string{d.policyPath(), set.GreylistdListen} {
+		for _, path := range []string{d.policyPath(), listPath} {
 			if path == "" {
 				continue
 			}
@@ -245,8 +268,8 @@ func (d *daemon) giveSockets(set *Settings) error {
 			}
 		}
 	}
-	if set.GreylistdListen != "" && set.GreylistdGroup != "" {
-		if err := chgrpTo(set.GreylistdListen, set.GreylistdGroup); err != nil {
+	if listPath != "" && set.GreylistdGroup != "" {
+		if err := chgrpTo(listPath, set.GreylistdGroup); err != nil {
 			return fmt.Errorf("%s: %w", set.Source.describe("greylistd_socket_group"), err)
 		}
 	}

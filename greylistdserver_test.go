@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -228,5 +229,38 @@ func TestGreylistCommand(t *testing.T) {
 	errOut.Reset()
 	if code := exitCode(run([]string{"greylist", "-socket", filepath.Join(t.TempDir(), "none"), "stats"}, &out, &errOut, nil), &out, &errOut); code != 1 || !strings.Contains(errOut.String(), "cannot connect") {
 		t.Errorf("no daemon: exit %d, stderr %q", code, errOut.String())
+	}
+}
+
+// TestListSocketActivation passes a listening unix socket to a child daemon
+// as systemd does (greydaemon.socket's ListenStream=): the daemon answers
+// greylistd requests on it, and leaves its file, the service manager's,
+// where it is when it stops.
+func TestListSocketActivation(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "greylistd.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	f, err := ln.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.Close()
+	conf := writeTemp(t, "g.toml", "greylistd_listen = \""+path+"\"\n")
+	c := startChildCmd(t, activatedChildCmd(f), "-c", conf, "127.0.0.1:0", filepath.Join(dir, "state"))
+	f.Close()
+	c.waitLog(t, "greylistd_listen: using the socket "+path+" passed by the service manager")
+	if got := askSocket(t, path, "update 192.0.2.0 a b", true); got != "grey" {
+		t.Fatalf("answer on the passed socket: %q", got)
+	}
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if err := c.cmd.Wait(); err != nil {
+		t.Fatalf("exit: %v\n%s", err, c.log.String())
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("the passed socket's file was removed: %v", err)
 	}
 }

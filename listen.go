@@ -81,15 +81,16 @@ func listenUDP(addr *net.UDPAddr, n int) ([]*net.UDPConn, error) {
 	return conns, nil
 }
 
-// openQmailSockets returns the qmail front end's sockets: those the service
-// manager passed (systemd socket activation, reported as activated), or
-// new ones bound to hostport. It refuses an address that another process
-// has bound already: with SO_REUSEPORT the kernel would otherwise let a
-// second daemon share the port and spread the queries over two tables.
-func openQmailSockets(hostport string) (conns []*net.UDPConn, activated bool, err error) {
-	conns, err = activatedSockets()
-	if err != nil || conns != nil {
-		return conns, true, err
+// openQmailSockets returns the qmail front end's sockets: the UDP sockets
+// the service manager passed (systemd socket activation, reported as
+// activated), or new ones bound to hostport. It refuses an address that
+// another process has bound already: with SO_REUSEPORT the kernel would
+// otherwise let a second daemon share the port and spread the queries over
+// two tables.
+func openQmailSockets(hostport string, passed *passedSockets) (conns []*net.UDPConn, activated bool, err error) {
+	if len(passed.udp) > 0 {
+		conns, passed.udp = passed.udp, nil
+		return conns, true, nil
 	}
 	laddr, err := net.ResolveUDPAddr("udp", hostport)
 	if err != nil {
@@ -105,30 +106,69 @@ func openQmailSockets(hostport string) (conns []*net.UDPConn, activated bool, er
 	return conns, false, nil
 }
 
-// activatedSockets returns the UDP sockets passed by systemd socket
-// activation (LISTEN_FDS), or nil when there are none.
-func activatedSockets() ([]*net.UDPConn, error) {
+// passedSockets are the sockets the service manager passed (systemd socket
+// activation, LISTEN_FDS): UDP ones for qmail, and listening unix stream
+// ones, which the front end configured with the same path takes.
+type passedSockets struct {
+	udp     []*net.UDPConn
+	streams []*net.UnixListener
+}
+
+// takePassedSockets returns the sockets the service manager passed, none
+// when it passed none.
+func takePassedSockets() (*passedSockets, error) {
+	p := &passedSockets{}
 	if os.Getenv("LISTEN_FDS") == "" {
-		return nil, nil
+		return p, nil
 	}
-	pcs, err := activation.PacketConns()
-	if err != nil {
-		return nil, fmt.Errorf("cannot use the sockets passed by the service manager: %w", err)
-	}
-	var conns []*net.UDPConn
-	for _, pc := range pcs {
-		if pc == nil {
-			continue // a stream socket: not ours
+	for _, f := range activation.Files(true) {
+		if ln, err := net.FileListener(f); err == nil {
+			f.Close()
+			ul, ok := ln.(*net.UnixListener)
+			if !ok {
+				ln.Close()
+				p.closeAll()
+				return nil, fmt.Errorf("the service manager passed a %s stream socket (%s); greydaemon takes unix stream sockets only (ListenStream=/path)", ln.Addr().Network(), ln.Addr())
+			}
+			ul.SetUnlinkOnClose(false) // the service manager's file
+			p.streams = append(p.streams, ul)
+			continue
+		}
+		pc, err := net.FilePacketConn(f)
+		f.Close()
+		if err != nil {
+			p.closeAll()
+			return nil, fmt.Errorf("cannot use a socket passed by the service manager: %w", err)
 		}
 		conn, ok := pc.(*net.UDPConn)
 		if !ok {
 			pc.Close()
-			closeAll(conns)
+			p.closeAll()
 			return nil, fmt.Errorf("the service manager passed a %s socket; greydaemon needs UDP (ListenDatagram=)", pc.LocalAddr().Network())
 		}
-		conns = append(conns, conn)
+		p.udp = append(p.udp, conn)
 	}
-	return conns, nil
+	return p, nil
+}
+
+// takeUnix returns the passed unix listener bound to path, or nil.
+func (p *passedSockets) takeUnix(path string) *net.UnixListener {
+	for i, ln := range p.streams {
+		if ln.Addr().String() == path {
+			p.streams = append(p.streams[:i], p.streams[i+1:]...)
+			return ln
+		}
+	}
+	return nil
+}
+
+// closeAll closes every socket not taken.
+func (p *passedSockets) closeAll() {
+	closeAll(p.udp)
+	for _, ln := range p.streams {
+		ln.Close()
+	}
+	p.udp, p.streams = nil, nil
 }
 
 // checkAddressFree returns an error naming the address, and the process
