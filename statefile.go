@@ -120,6 +120,11 @@ func (s *snapshotter) load() (loadStats, error) {
 		return loadStats{}, err
 	}
 	now := uint32(s.now().Unix())
+	if bytes.HasPrefix(data, snapshotPrefix) {
+		// Size the grey maps once for what the file can hold (20 bytes a
+		// record) rather than growing them step by step as they fill.
+		s.table.reserveGrey(len(data) / recordSize)
+	}
 	st, err := decodeStateFile(data, func(kind int, k [16]byte, t uint32) bool {
 		return s.restore(kind, k, t, now)
 	}, func(k listKey, e listEntry) bool {

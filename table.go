@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/binary"
+	"runtime"
 	"sync"
 	"sync/atomic"
 )
@@ -11,11 +12,12 @@ import (
 // the unix second it was first seen).
 //
 // The table is split into a power-of-two number of shards, each with its own
-// lock; a key's shard is picked by the low bits of its hash. Shard maps hold
-// only fixed-size integer keys and values, so the garbage collector never
-// scans their contents. Every operation holds one shard lock for a few map
-// operations and does no I/O, logging or allocation under it, except that
-// an insert may grow a map.
+// lock; a key's shard is picked by the low bits of its hash. A shard's
+// known IPs and grey triplets are in fpMaps (fptable.go): open-addressing
+// tables outside the Go heap, 24 to 30 bytes an entry. Every operation holds
+// one shard lock for a few map operations and does no I/O, logging or
+// allocation under it, except that an insert may grow a map (a shard holds
+// at most about 8192 entries, so that takes a fraction of a millisecond).
 //
 // The table enforces a hard cap on the number of entries (known IPs plus
 // grey triplets) per shard. A shard that is full evicts before it inserts:
@@ -38,15 +40,11 @@ type table struct {
 // shards' locks out of one cache line.
 type shard struct {
 	mu    sync.RWMutex
-	known map[clientKey]uint32
-	grey  map[tripletKey]uint32
+	known fpMap // client key -> last seen
+	grey  fpMap // triplet key -> first seen
 	// lists holds greylistd's entries (greylistd.go); nil until the first.
 	lists map[listKey]listEntry
-	// peak is the largest size the maps reached since they were last
-	// rebuilt; Go maps never shrink, so a sweep rebuilds a map that has
-	// emptied far below its peak.
-	peakKnown, peakGrey int
-	_                   [64]byte
+	_     [64]byte
 }
 
 // expiry says when entries stop counting. Times are whole seconds: an entry
@@ -143,10 +141,14 @@ func newTable(nShards, maxEntries int) *table {
 	}
 	per := max(maxEntries/n, 1)
 	t := &table{shards: make([]shard, n), mask: uint64(n - 1), shardCap: per}
-	for i := range t.shards {
-		t.shards[i].known = make(map[clientKey]uint32)
-		t.shards[i].grey = make(map[tripletKey]uint32)
-	}
+	// The maps' memory is not the Go heap's: give it back when the table
+	// goes. (The daemon's table lives as long as the process.)
+	runtime.AddCleanup(t, func(shards []shard) {
+		for i := range shards {
+			shards[i].known.free()
+			shards[i].grey.free()
+		}
+	}, t.shards)
 	return t
 }
 
@@ -160,16 +162,17 @@ func (t *table) shardFor(h uint64) *shard { return &t.shards[h&t.mask] }
 // window slides).
 func (t *table) refreshKnown(client clientKey, now, lifetime uint32) bool {
 	s := t.shardFor(client.shardHash())
+	k := (*[16]byte)(&client)
 	s.mu.RLock()
-	last, ok := s.known[client]
+	last, ok := s.known.get(k)
 	s.mu.RUnlock()
 	if !ok || age(now, last) >= lifetime {
 		return false
 	}
 	s.mu.Lock()
 	// Another goroutine may have refreshed it meanwhile; a later time wins.
-	if last, ok = s.known[client]; ok && now > last {
-		s.known[client] = now
+	if last, ok = s.known.get(k); ok && now > last {
+		s.known.set(k, now)
 	}
 	s.mu.Unlock()
 	return ok
@@ -179,14 +182,14 @@ func (t *table) refreshKnown(client clientKey, now, lifetime uint32) bool {
 func (t *table) markKnown(client clientKey, now uint32, exp expiry) {
 	s := t.shardFor(client.shardHash())
 	var evicted int
+	k := (*[16]byte)(&client)
 	s.mu.Lock()
-	if _, ok := s.known[client]; !ok {
+	if _, ok := s.known.get(k); ok {
+		s.known.set(k, now)
+	} else {
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
-		if n := len(s.known) + 1; n > s.peakKnown {
-			s.peakKnown = n
-		}
+		s.known.insert(k, now)
 	}
-	s.known[client] = now
 	s.mu.Unlock()
 	if evicted > 0 {
 		t.evicted.Add(uint64(evicted))
@@ -209,9 +212,10 @@ const (
 // found and the triplet's first-seen time (now for a new or restarted one).
 func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp expiry) (greyState, uint32) {
 	s := t.shardFor(k.shardHash())
+	key := (*[16]byte)(&k)
 	// Retries that change nothing (too soon, good) need only the read lock.
 	s.mu.RLock()
-	first, ok := s.grey[k]
+	first, ok := s.grey.get(key)
 	s.mu.RUnlock()
 	if a := age(now, first); ok && a < window {
 		if a < minDelay {
@@ -222,21 +226,18 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 	var evicted int
 	state := greyNew
 	s.mu.Lock()
-	first, ok = s.grey[k]
+	first, ok = s.grey.get(key)
 	seen := now
 	switch a := age(now, first); {
 	case !ok:
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
-		s.grey[k] = now
-		if n := len(s.grey); n > s.peakGrey {
-			s.peakGrey = n
-		}
+		s.grey.insert(key, now)
 	case a < minDelay:
 		state, seen = greyTooSoon, first
 	case a < window:
 		state, seen = greyRetryOK, first
 	default:
-		s.grey[k] = now
+		s.grey.set(key, now)
 		state = greyStale
 	}
 	s.mu.Unlock()
@@ -274,15 +275,15 @@ func (s *shard) makeRoomLocked(capacity int, now uint32, exp expiry) int {
 		return 0
 	}
 	target := capacity - max(capacity/evictFraction, 1)
-	dropped := deleteOlderThan(s.known, now, exp.knownLifetime)
-	dropped += deleteOlderThan(s.grey, now, exp.greyLifetime)
+	dropped := deleteOlderThan(&s.known, now, exp.knownLifetime)
+	dropped += deleteOlderThan(&s.grey, now, exp.greyLifetime)
 	dropped += deleteExpiredLists(s.lists, now, exp)
 	// Grey entries go first (a sender that retries is greylisted again,
 	// at worst), then known IPs, then greylistd's white and black lists.
 	steps := [...]func(want int) int{
-		func(want int) int { return deleteOldest(s.grey, want) },
+		func(want int) int { return deleteOldest(&s.grey, want) },
 		func(want int) int { return deleteOldestLists(s.lists, want, true) },
-		func(want int) int { return deleteOldest(s.known, want) },
+		func(want int) int { return deleteOldest(&s.known, want) },
 		func(want int) int { return deleteOldestLists(s.lists, want, false) },
 	}
 	for _, step := range steps {
@@ -296,7 +297,7 @@ func (s *shard) makeRoomLocked(capacity int, now uint32, exp expiry) int {
 }
 
 // size returns the number of entries the shard holds.
-func (s *shard) size() int { return len(s.known) + len(s.grey) + len(s.lists) }
+func (s *shard) size() int { return s.known.len() + s.grey.len() + len(s.lists) }
 
 // deleteExpiredLists deletes greylistd's expired entries from m and returns
 // how many it deleted.
@@ -317,15 +318,16 @@ func deleteExpiredLists(m map[listKey]listEntry, now uint32, exp expiry) int {
 // of their times and deletes what the copy lost: greylistd's entries are few
 // beside the qmail ones, and an eviction is rare.
 func deleteOldestLists(m map[listKey]listEntry, want int, grey bool) int {
-	times := make(map[listKey]uint32)
+	var times fpMap
+	defer times.clear()
 	for k, e := range m {
 		if (e.state == listGrey) == grey {
-			times[k] = e.last
+			times.set((*[16]byte)(&k), e.last)
 		}
 	}
-	n := deleteOldest(times, want)
+	n := deleteOldest(&times, want)
 	for k, e := range m {
-		if _, kept := times[k]; !kept && (e.state == listGrey) == grey {
+		if _, kept := times.get((*[16]byte)(&k)); !kept && (e.state == listGrey) == grey {
 			delete(m, k)
 		}
 	}
@@ -334,14 +336,15 @@ func deleteOldestLists(m map[listKey]listEntry, want int, grey bool) int {
 
 // deleteOlderThan deletes the entries of m whose age at now is limit or more
 // and returns how many it deleted.
-func deleteOlderThan[K comparable](m map[K]uint32, now, limit uint32) int {
+func deleteOlderThan(m *fpMap, now, limit uint32) int {
 	n := 0
-	for k, t := range m {
-		if age(now, t) >= limit {
-			delete(m, k)
+	m.each(func(_ *[16]byte, t *uint32) bool {
+		if age(now, *t) >= limit {
 			n++
+			return true
 		}
-	}
+		return false
+	})
 	return n
 }
 
@@ -352,19 +355,20 @@ func deleteOlderThan[K comparable](m map[K]uint32, now, limit uint32) int {
 // span days), and allocates nothing. Entries older than the cut-off second
 // all go; of those in it, which may be many (a flood), only as many as are
 // still wanted.
-func deleteOldest[K comparable](m map[K]uint32, want int) int {
-	if want <= 0 || len(m) == 0 {
+func deleteOldest(m *fpMap, want int) int {
+	if want <= 0 || m.len() == 0 {
 		return 0
 	}
-	if want >= len(m) {
-		n := len(m)
-		clear(m)
+	if want >= m.len() {
+		n := m.len()
+		m.clear()
 		return n
 	}
 	lo, hi := ^uint32(0), uint32(0)
-	for _, t := range m {
-		lo, hi = min(lo, t), max(hi, t)
-	}
+	m.each(func(_ *[16]byte, t *uint32) bool {
+		lo, hi = min(lo, *t), max(hi, *t)
+		return false
+	})
 	// Invariant: the cut-off lies in [lo, hi], and below entries are older
 	// than lo.
 	below := 0
@@ -372,11 +376,12 @@ func deleteOldest[K comparable](m map[K]uint32, want int) int {
 		const buckets = 64
 		width := (uint64(hi-lo) + buckets) / buckets // at least 1
 		var counts [buckets]int
-		for _, t := range m {
-			if lo <= t && t <= hi {
-				counts[uint64(t-lo)/width]++
+		m.each(func(_ *[16]byte, t *uint32) bool {
+			if lo <= *t && *t <= hi {
+				counts[uint64(*t-lo)/width]++
 			}
-		}
+			return false
+		})
 		b := 0
 		for below+counts[b] < want {
 			below += counts[b]
@@ -386,31 +391,31 @@ func deleteOldest[K comparable](m map[K]uint32, want int) int {
 	}
 	cut, partial := lo, want-below // every entry older than cut goes, and partial of those at cut
 	n := 0
-	for k, t := range m {
-		if t < cut || t == cut && partial > 0 {
-			if t == cut {
+	m.each(func(_ *[16]byte, t *uint32) bool {
+		if *t < cut || *t == cut && partial > 0 {
+			if *t == cut {
 				partial--
 			}
-			delete(m, k)
 			n++
+			return true
 		}
-	}
+		return false
+	})
 	return n
 }
 
-// sweepShard deletes the expired entries of shard i and rebuilds its maps
-// when they have shrunk far below their peak size. It returns how many
-// entries it deleted.
+// sweepShard deletes the expired entries of shard i and shrinks its maps
+// when they have emptied far below their size. It returns how many entries
+// it deleted.
 func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 	s := &t.shards[i]
 	s.mu.Lock()
-	clamped := clampFutureTimes(s.known, now) + clampFutureTimes(s.grey, now)
-	n := deleteOlderThan(s.known, now, exp.knownLifetime)
-	n += deleteOlderThan(s.grey, now, exp.greyLifetime)
+	clamped := clampFutureTimes(&s.known, now) + clampFutureTimes(&s.grey, now)
+	n := deleteOlderThan(&s.known, now, exp.knownLifetime)
+	n += deleteOlderThan(&s.grey, now, exp.greyLifetime)
 	n += deleteExpiredLists(s.lists, now, exp)
-	rebuildKnown := shouldRebuild(len(s.known), s.peakKnown)
-	rebuildGrey := shouldRebuild(len(s.grey), s.peakGrey)
-	sizeKnown, sizeGrey := len(s.known), len(s.grey)
+	s.known.shrink()
+	s.grey.shrink()
 	s.mu.Unlock()
 	if n > 0 {
 		t.expired.Add(uint64(n))
@@ -418,45 +423,21 @@ func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 	if clamped > 0 {
 		t.clamped.Add(uint64(clamped))
 	}
-	if rebuildKnown {
-		// Allocate outside the lock; copy under it.
-		fresh := make(map[clientKey]uint32, sizeKnown)
-		s.mu.Lock()
-		for k, v := range s.known {
-			fresh[k] = v
-		}
-		s.known, s.peakKnown = fresh, len(fresh)
-		s.mu.Unlock()
-	}
-	if rebuildGrey {
-		fresh := make(map[tripletKey]uint32, sizeGrey)
-		s.mu.Lock()
-		for k, v := range s.grey {
-			fresh[k] = v
-		}
-		s.grey, s.peakGrey = fresh, len(fresh)
-		s.mu.Unlock()
-	}
 	return n
 }
 
 // clampFutureTimes sets every time in m that lies more than clockTolerance
 // after now to now, and returns how many it set.
-func clampFutureTimes[K comparable](m map[K]uint32, now uint32) int {
+func clampFutureTimes(m *fpMap, now uint32) int {
 	n := 0
-	for k, t := range m {
-		if c, changed := clampFuture(t, now); changed {
-			m[k] = c
+	m.each(func(_ *[16]byte, t *uint32) bool {
+		if c, changed := clampFuture(*t, now); changed {
+			*t = c
 			n++
 		}
-	}
+		return false
+	})
 	return n
-}
-
-// shouldRebuild reports whether a map that once held peak entries and now
-// holds size should be copied into a smaller one to give memory back.
-func shouldRebuild(size, peak int) bool {
-	return peak >= 1024 && size < peak/4
 }
 
 // counts returns the number of known IPs and grey triplets held.
@@ -464,8 +445,8 @@ func (t *table) counts() (known, grey int) {
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.mu.RLock()
-		known += len(s.known)
-		grey += len(s.grey)
+		known += s.known.len()
+		grey += s.grey.len()
 		s.mu.RUnlock()
 	}
 	return known, grey
@@ -504,12 +485,14 @@ func parseRecord(b []byte) ([16]byte, uint32) {
 func (t *table) appendShardRecords(i int, known, grey []byte) ([]byte, []byte) {
 	s := &t.shards[i]
 	s.mu.RLock()
-	for k, v := range s.known {
-		known = appendRecord(known, k, v)
-	}
-	for k, v := range s.grey {
-		grey = appendRecord(grey, k, v)
-	}
+	s.known.each(func(k *[16]byte, v *uint32) bool {
+		known = appendRecord(known, *k, *v)
+		return false
+	})
+	s.grey.each(func(k *[16]byte, v *uint32) bool {
+		grey = appendRecord(grey, *k, *v)
+		return false
+	})
 	s.mu.RUnlock()
 	return known, grey
 }
@@ -654,16 +637,28 @@ func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry)
 	s := t.shardFor(client.shardHash())
 	s.mu.Lock()
 	var evicted int
-	if old, ok := s.known[client]; ok {
-		s.known[client] = max(old, lastSeen)
+	k := (*[16]byte)(&client)
+	if old, ok := s.known.get(k); ok {
+		s.known.set(k, max(old, lastSeen))
 	} else {
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
-		s.known[client] = lastSeen
-		s.peakKnown = max(s.peakKnown, len(s.known))
+		s.known.insert(k, lastSeen)
 	}
 	s.mu.Unlock()
 	if evicted > 0 {
 		t.evicted.Add(uint64(evicted))
+	}
+}
+
+// reserveGrey makes room for grey triplets entries in all (at most the
+// cap), spread over the shards as keys spread: a load sizes the maps once.
+func (t *table) reserveGrey(entries int) {
+	per := min(entries, t.capacity()) / len(t.shards)
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		s.grey.reserve(per)
+		s.mu.Unlock()
 	}
 }
 
@@ -694,12 +689,12 @@ func (t *table) restoreGrey(k tripletKey, firstSeen, now uint32, exp expiry) {
 	s := t.shardFor(k.shardHash())
 	s.mu.Lock()
 	var evicted int
-	if old, ok := s.grey[k]; ok {
-		s.grey[k] = min(old, firstSeen)
+	key := (*[16]byte)(&k)
+	if old, ok := s.grey.get(key); ok {
+		s.grey.set(key, min(old, firstSeen))
 	} else {
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
-		s.grey[k] = firstSeen
-		s.peakGrey = max(s.peakGrey, len(s.grey))
+		s.grey.insert(key, firstSeen)
 	}
 	s.mu.Unlock()
 	if evicted > 0 {

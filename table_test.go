@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"sync"
 	"testing"
 )
@@ -85,9 +86,9 @@ func TestTableCapEvictsKnownWhenNoGrey(t *testing.T) {
 	}
 }
 
-// TestSweepRebuildsMaps checks that a sweep deletes what expired and gives
-// memory back by rebuilding a map that emptied.
-func TestSweepRebuildsMaps(t *testing.T) {
+// TestSweepShrinksMaps checks that a sweep deletes what expired and gives
+// memory back by shrinking a map that emptied.
+func TestSweepShrinksMaps(t *testing.T) {
 	tb := newTable(1, 1_000_000)
 	now := uint32(1_000_000)
 	for i := range uint64(10_000) {
@@ -96,13 +97,17 @@ func TestSweepRebuildsMaps(t *testing.T) {
 	for i := range uint64(100) {
 		tb.observeTriplet(tkey(1_000_000+i), now+43000, 300, 43200, testExpiry)
 	}
+	s := &tb.shards[0]
+	before := s.grey.bytes()
 	n := tb.sweepShard(0, now+43200+60, testExpiry)
 	if n != 10_000 {
 		t.Fatalf("swept %d, want 10000", n)
 	}
-	s := &tb.shards[0]
-	if len(s.grey) != 100 || s.peakGrey != 100 {
-		t.Fatalf("after sweep: %d entries, peak %d; want 100 and a rebuilt map", len(s.grey), s.peakGrey)
+	if before < 10_000*24 {
+		t.Fatalf("10,100 entries in %d bytes", before)
+	}
+	if s.grey.len() != 100 || s.grey.bytes() > 4*os.Getpagesize() {
+		t.Fatalf("after sweep: %d entries in %d bytes (%d before); want 100 in a shrunk map", s.grey.len(), s.grey.bytes(), before)
 	}
 	if tb.expired.Load() != 10_000 {
 		t.Fatalf("expired counter %d", tb.expired.Load())
@@ -115,35 +120,35 @@ func TestSweepRebuildsMaps(t *testing.T) {
 func TestDeleteOldest(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
 	for trial := range 300 {
-		m := map[int]uint32{}
+		var m fpMap
+		before := map[tripletKey]uint32{}
 		n := 1 + r.IntN(500)
 		for i := range n {
-			switch {
-			case trial < 200:
-				m[i] = 1000 + uint32(r.IntN(1+trial*50))
-			default:
-				m[i] = r.Uint32()
+			v := r.Uint32()
+			if trial < 200 {
+				v = 1000 + uint32(r.IntN(1+trial*50))
 			}
-		}
-		want := r.IntN(n + 1)
-		before := make(map[int]uint32, len(m))
-		for k, v := range m {
+			k := tkey(uint64(i))
+			m.set((*[16]byte)(&k), v)
 			before[k] = v
 		}
-		got := deleteOldest(m, want)
-		if got != want || got != len(before)-len(m) {
-			t.Fatalf("trial %d: deleted %d (map shrank by %d), want %d", trial, got, len(before)-len(m), want)
+		want := r.IntN(n + 1)
+		got := deleteOldest(&m, want)
+		if got != want || got != len(before)-m.len() {
+			t.Fatalf("trial %d: deleted %d (map shrank by %d), want %d", trial, got, len(before)-m.len(), want)
 		}
 		// Every survivor is at least as new as every deleted entry.
 		oldestKept := ^uint32(0)
-		for _, v := range m {
-			oldestKept = min(oldestKept, v)
-		}
+		m.each(func(_ *[16]byte, v *uint32) bool {
+			oldestKept = min(oldestKept, *v)
+			return false
+		})
 		for k, v := range before {
-			if _, kept := m[k]; !kept && v > oldestKept {
+			if _, kept := m.get((*[16]byte)(&k)); !kept && v > oldestKept {
 				t.Fatalf("trial %d: deleted time %d but kept %d", trial, v, oldestKept)
 			}
 		}
+		m.clear()
 	}
 }
 
