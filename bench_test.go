@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -51,8 +52,8 @@ func fillTable(n int) *table {
 }
 
 // BenchmarkTable measures a triplet lookup-and-update from all cores in
-// tables of 1M and 10M entries, beside a map guarded by one Mutex and a
-// sync.Map. Keys are drawn in a scattered order, so most lookups miss the
+// tables of 1M and 10M entries, beside the same shards with Go maps (the
+// table before fpMap), a map guarded by one Mutex and a sync.Map. Keys are drawn in a scattered order, so most lookups miss the
 // CPU caches, as they do in a daemon serving many clients.
 func BenchmarkTable(b *testing.B) {
 	for _, n := range []uint64{1 << 20, 10 << 20} {
@@ -66,6 +67,43 @@ func BenchmarkTable(b *testing.B) {
 				for pb.Next() {
 					i++
 					tb.observeTriplet(tkey(i%n), 1_000_400, 300, 43200, testExpiry)
+				}
+			})
+		})
+		b.Run(fmt.Sprintf("sharded-gomap/%dM", n>>20), func(b *testing.B) {
+			// The table as it was before fpMap: the same shards and
+			// locks, each with a Go map.
+			type mapShard struct {
+				mu sync.RWMutex
+				m  map[tripletKey]uint32
+				_  [64]byte
+			}
+			shards := make([]mapShard, defaultShards)
+			for i := range shards {
+				shards[i].m = map[tripletKey]uint32{}
+			}
+			for i := range n {
+				k := tkey(i)
+				shards[k.shardHash()%defaultShards].m[k] = 1_000_000
+			}
+			var seed atomic.Uint64
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				i := seed.Add(1) * 7919
+				for pb.Next() {
+					i++
+					k := tkey(i % n)
+					s := &shards[k.shardHash()%defaultShards]
+					s.mu.RLock()
+					t, ok := s.m[k]
+					s.mu.RUnlock()
+					if ok && 1_000_400-t < 43200 {
+						continue
+					}
+					s.mu.Lock()
+					s.m[k] = 1_000_400
+					s.mu.Unlock()
 				}
 			})
 		})
@@ -217,3 +255,46 @@ func startBenchDaemon(b *testing.B, cfg Config) (*net.UDPAddr, func()) {
 type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
+
+// BenchmarkShardStall measures how long a shard's lock is held in the worst
+// cases, on a shard of 8192 entries (shardsFor keeps shards at about that
+// size): the insert that grows the map the last time before it is full
+// (the growth moves the whole map), an insert into the full shard (an
+// eviction scans it), and a sweep that finds half of it expired. Each is
+// the median over the iterations, in µs: a single run's maximum measures
+// the machine's scheduling and interrupts more than the table.
+func BenchmarkShardStall(b *testing.B) {
+	const per = 8192
+	var growth, evict, sweep []time.Duration
+	for i := range b.N {
+		tb := newTable(1, per)
+		s := &tb.shards[0]
+		base := uint64(i) << 32
+		var last time.Duration
+		for j := range uint64(per) {
+			slots := s.grey.slots()
+			t0 := time.Now()
+			tb.observeTriplet(tkey(base+j), 1_000_000+uint32(j%2)*50_000, 300, 43200, testExpiry)
+			if d := time.Since(t0); s.grey.slots() != slots {
+				last = d
+			}
+		}
+		growth = append(growth, last)
+		t0 := time.Now()
+		tb.observeTriplet(tkey(base+per), 1_050_000, 300, 43200, testExpiry)
+		evict = append(evict, time.Since(t0))
+		for j := range uint64(per) { // refill what the eviction freed
+			tb.observeTriplet(tkey(base+2*per+j), 1_050_000, 300, 43200, testExpiry)
+		}
+		t0 = time.Now()
+		tb.sweepShard(0, 1_000_000+43200+61, testExpiry)
+		sweep = append(sweep, time.Since(t0))
+	}
+	median := func(d []time.Duration) float64 {
+		slices.Sort(d)
+		return float64(d[len(d)/2].Nanoseconds()) / 1000
+	}
+	b.ReportMetric(median(growth), "growth-µs")
+	b.ReportMetric(median(evict), "evict-µs")
+	b.ReportMetric(median(sweep), "sweep-µs")
+}
