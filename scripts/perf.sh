@@ -6,6 +6,13 @@
 #
 #   bash scripts/perf.sh [seconds-per-run]
 #   GREYDAEMON_PERL=/tmp/greydaemon.pl bash scripts/perf.sh   # with the Perl daemon in the same run
+#   PIN=0 bash scripts/perf.sh      # let the scheduler place every process
+#
+# By default (PIN=1, with taskset and two or more cores) every server runs on
+# core 0 and the load generator on core 1: a generator that shares the
+# servers' core flattens every server to the generator's own speed, and the
+# ratios move from run to run and machine to machine. Each server's CPU time
+# per request (from /proc/PID/stat) is printed beside its rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -14,18 +21,41 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 go build -o "$tmp/greydaemon" .
 go build -o "$tmp/greyload" ./cmd/greyload
 
-"$tmp/greyload" null -listen 127.0.0.1:29991 2>/dev/null &
-"$tmp/greyload" null -listen 127.0.0.1:29992 -batch 16 2>/dev/null &
+server=() load=()
+if [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  server=(taskset -c 0) load=(taskset -c 1)
+  echo "servers pinned to core 0, the load generator to core 1"
+else
+  echo "no pinning: the scheduler places every process"
+fi
+# cpu PID: the process's user+system CPU time so far, in clock ticks.
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+# measure PID ARGS...: runs the generator with ARGS and appends to its output
+# the server's CPU µs per answered request.
+measure() {
+  local pid=$1; shift
+  local c0 out c1
+  c0=$(cpu "$pid")
+  out=$("${load[@]}" "$tmp/greyload" run "$@")
+  c1=$(cpu "$pid")
+  echo "$out" | awk -v t=$((c1 - c0)) -v hz="$hz" '{printf "%s  cpu/req %.2fus\n", $0, t * 1e6 / hz / $6}'
+}
+
+"${server[@]}" "$tmp/greyload" null -listen 127.0.0.1:29991 2>/dev/null &
+npid=$!
+"${server[@]}" "$tmp/greyload" null -listen 127.0.0.1:29992 -batch 16 2>/dev/null &
+bpid=$!
 sleep 0.3
 
 # A fresh daemon per run, with a 1.2 s minimum delay so greyload can make
 # IPs known; decision log lines written (to /dev/null), as in production.
 grey() {
   rm -f "$tmp/state"*
-  "$tmp/greydaemon" -m 0.02 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
+  "${server[@]}" "$tmp/greydaemon" -m 0.02 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
   local pid=$!
   sleep 0.3
-  "$tmp/greyload" run -addr 127.0.0.1:29990 -duration "${secs}s" -warmup 2s "$@"
+  measure $pid -addr 127.0.0.1:29990 -duration "${secs}s" -warmup 2s "$@"
   kill $pid; wait $pid 2>/dev/null || true
 }
 rate() { awk '{print $2}'; }
@@ -34,10 +64,10 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # The Perl daemon, when GREYDAEMON_PERL names its source (John Levine's
 # greydaemon.pl; it is not part of this repository), on the same load.
 perl_daemon() {
-  perl "$GREYDAEMON_PERL" -m 0.02 127.0.0.1:29993 "$tmp/perlsave" >/dev/null 2>&1 &
+  "${server[@]}" perl "$GREYDAEMON_PERL" -m 0.02 127.0.0.1:29993 "$tmp/perlsave" >/dev/null 2>&1 &
   local pid=$!
   sleep 0.5
-  "$tmp/greyload" run -addr 127.0.0.1:29993 -duration "${secs}s" -warmup 2s
+  measure $pid -addr 127.0.0.1:29993 -duration "${secs}s" -warmup 2s
   kill $pid; wait $pid 2>/dev/null || true
   rm -f "$tmp/perlsave"*
 }
@@ -48,8 +78,8 @@ for run in 1 2 3; do
     perl_daemon | tee -a "$tmp/p.log" | rate >>"$tmp/p"
   fi
   grey | tee -a "$tmp/g.log" | rate >>"$tmp/g"
-  "$tmp/greyload" run -addr 127.0.0.1:29991 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
-  "$tmp/greyload" run -addr 127.0.0.1:29992 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/b.log" | rate >>"$tmp/b"
+  measure $npid -addr 127.0.0.1:29991 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
+  measure $bpid -addr 127.0.0.1:29992 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/b.log" | rate >>"$tmp/b"
 done
 g=$(median <"$tmp/g"); n=$(median <"$tmp/n"); b=$(median <"$tmp/b")
 echo "--- throughput, medians of 3 (4 sockets x 4 in flight; mix 50% new, 30% retries, 20% known IPs)"
@@ -60,6 +90,11 @@ if [ -s "$tmp/p" ]; then
   p=$(median <"$tmp/p")
   echo "Perl greydaemon       $p requests/s   (greydaemon at $((100 * g / p))%)"
 fi
+# cpuof LOG: the server CPU per request of the median run in LOG.
+cpuof() { sort -k2 -n "$1" | sed -n 2p | grep -o 'cpu/req [0-9.]*us'; }
+echo "--- server CPU per answered request, the median runs"
+echo "greydaemon $(cpuof "$tmp/g.log"); null responder $(cpuof "$tmp/n.log"); batched null responder $(cpuof "$tmp/b.log")"
+[ -s "$tmp/p" ] && echo "Perl greydaemon $(cpuof "$tmp/p.log")"
 
 half=$((g / 2))
 echo "--- latency at half that rate ($half requests/s)"
