@@ -90,6 +90,17 @@ func TestListSocket(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	var st Stats
+	td.UpdateStats(&st)
+	var fe *FrontEndStats
+	for i := range st.FrontEnds {
+		if st.FrontEnds[i].Name == "greylistd" {
+			fe = &st.FrontEnds[i]
+		}
+	}
+	if fe == nil || fe.Requests != 5+32*20 || fe.Replies != fe.Requests || fe.Malformed != 1 || st.ListEntries != 2+32*20 {
+		t.Fatalf("stats: front end %+v, %d greylistd entries; want 645 requests and replies, 1 malformed, 642 entries", fe, st.ListEntries)
+	}
 
 	if err := td.stop(t); err != nil {
 		t.Fatal(err)
