@@ -8,6 +8,11 @@
 # and stops by itself.
 #
 #   bash scripts/perf-greylistd.sh [seconds-per-run] [clients]
+#   PIN=0 bash scripts/perf-greylistd.sh   # let the scheduler place every process
+#
+# By default (PIN=1, with taskset and two or more cores) the servers run on
+# core 0 and the load generator on core 1, as in scripts/perf.sh, and each
+# server's CPU time per answered request is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -16,6 +21,13 @@ tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 go build -o "$tmp/greydaemon" .
 go build -o "$tmp/greyload" ./cmd/greyload
+server=() load=()
+if [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  server=(taskset -c 0) load=(taskset -c 1)
+  echo "servers pinned to core 0, the load generator to core 1"
+fi
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
 cat >"$tmp/g.toml" <<CONF
 listen = "127.0.0.1:29990"
 state_file = "$tmp/state"
@@ -31,26 +43,35 @@ statefile = $tmp/states
 tripletfile = $tmp/triplets
 savetriplets = false
 CONF
-"$tmp/greyload" nullgreylistd -socket "$tmp/null.sock" 2>/dev/null &
+"${server[@]}" "$tmp/greyload" nullgreylistd -socket "$tmp/null.sock" 2>/dev/null &
+npid=$!
 sleep 0.3
-load() { "$tmp/greyload" greylistd -socket "$1" -clients "$clients" -duration "${secs}s"; }
+# load SOCKET PID: drives the server at SOCKET and appends its CPU µs per
+# request.
+load() {
+  local c0 out c1
+  c0=$(cpu "$2")
+  out=$("${load[@]}" "$tmp/greyload" greylistd -socket "$1" -clients "$clients" -duration "${secs}s")
+  c1=$(cpu "$2")
+  echo "$out" | awk -v t=$((c1 - c0)) -v hz="$hz" '{printf "%s  cpu/req %.2fus\n", $0, t * 1e6 / hz / $4}'
+}
 rate() { awk '{print $2}'; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$tmp/g"; : >"$tmp/n"; : >"$tmp/r"
 for run in 1 2 3; do
   rm -f "$tmp/state"*
-  "$tmp/greydaemon" -c "$tmp/g.toml" >/dev/null 2>"$tmp/err" &
+  "${server[@]}" "$tmp/greydaemon" -c "$tmp/g.toml" >/dev/null 2>"$tmp/err" &
   pid=$!
   sleep 0.4
-  load "$tmp/g.sock" | tee -a "$tmp/g.log" | rate >>"$tmp/g"
+  load "$tmp/g.sock" $pid | tee -a "$tmp/g.log" | rate >>"$tmp/g"
   kill $pid; wait $pid 2>/dev/null || true
-  load "$tmp/null.sock" | tee -a "$tmp/n.log" | rate >>"$tmp/n"
+  load "$tmp/null.sock" $npid | tee -a "$tmp/n.log" | rate >>"$tmp/n"
   if [ -x /usr/sbin/greylistd ]; then
     rm -f "$tmp/states" "$tmp/triplets"
-    python3 /usr/sbin/greylistd "$tmp/real.conf" </dev/null >/dev/null 2>&1 &
+    "${server[@]}" python3 /usr/sbin/greylistd "$tmp/real.conf" </dev/null >/dev/null 2>&1 &
     rpid=$!
     for _ in $(seq 50); do [ -S "$tmp/real.sock" ] && break; sleep 0.1; done
-    load "$tmp/real.sock" | tee -a "$tmp/r.log" | rate >>"$tmp/r"
+    load "$tmp/real.sock" $rpid | tee -a "$tmp/r.log" | rate >>"$tmp/r"
     kill $rpid; wait $rpid 2>/dev/null || true
   fi
 done
@@ -62,4 +83,7 @@ if [ -s "$tmp/r" ]; then
   r=$(median <"$tmp/r")
   echo "greylistd 0.9       $r   (greydaemon at $(awk -v g="$g" -v r="$r" 'BEGIN {printf "%.1f", g / r}')x)"
 fi
-echo "--- greydaemon latency, the median run:"; sort -k2 -n "$tmp/g.log" | sed -n 2p
+echo "--- greydaemon latency and CPU per request, the median run:"; sort -k2 -n "$tmp/g.log" | sed -n 2p
+echo "--- the null responder's median run:"; sort -k2 -n "$tmp/n.log" | sed -n 2p
+[ -s "$tmp/r" ] && { echo "--- greylistd's median run:"; sort -k2 -n "$tmp/r.log" | sed -n 2p; }
+true

@@ -7,6 +7,11 @@
 # Everything runs on 127.0.0.1 and stops by itself.
 #
 #   bash scripts/perf-policy.sh [seconds-per-run]
+#   PIN=0 bash scripts/perf-policy.sh   # let the scheduler place every process
+#
+# By default (PIN=1, with taskset and two or more cores) the servers run on
+# core 0 and the load generator on core 1, as in scripts/perf.sh, and each
+# server's CPU time per answered request is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -15,31 +20,46 @@ chmod 755 "$tmp"
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$tmp/pg.pid" ] && kill "$(cat "$tmp/pg.pid")" 2>/dev/null; rm -rf "$tmp"' EXIT
 go build -o "$tmp/greydaemon" .
 go build -o "$tmp/greyload" ./cmd/greyload
+server=() load=()
+if [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  server=(taskset -c 0) load=(taskset -c 1)
+  echo "servers pinned to core 0, the load generator to core 1"
+fi
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
 cat >"$tmp/g.toml" <<CONF
 listen = "127.0.0.1:29980"
 state_file = "$tmp/state"
 policy_listen = "127.0.0.1:29981"
 CONF
-"$tmp/greyload" nullpolicy -listen 127.0.0.1:29982 2>/dev/null &
+"${server[@]}" "$tmp/greyload" nullpolicy -listen 127.0.0.1:29982 2>/dev/null &
+npid=$!
 sleep 0.3
-load() { "$tmp/greyload" policy -addr "$1" -conns 16 -duration "${secs}s"; }
+# load ADDR PID: drives the server at ADDR and appends its CPU µs per request.
+load() {
+  local c0 out c1
+  c0=$(cpu "$2")
+  out=$("${load[@]}" "$tmp/greyload" policy -addr "$1" -conns 16 -duration "${secs}s")
+  c1=$(cpu "$2")
+  echo "$out" | awk -v t=$((c1 - c0)) -v hz="$hz" '{printf "%s  cpu/req %.2fus\n", $0, t * 1e6 / hz / $4}'
+}
 rate() { awk '{print $2}'; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$tmp/g"; : >"$tmp/n"; : >"$tmp/p"
 for run in 1 2 3; do
   rm -f "$tmp/state"*
-  "$tmp/greydaemon" -c "$tmp/g.toml" >/dev/null 2>"$tmp/err" &
+  "${server[@]}" "$tmp/greydaemon" -c "$tmp/g.toml" >/dev/null 2>"$tmp/err" &
   pid=$!
   sleep 0.4
-  load 127.0.0.1:29981 | tee -a "$tmp/g.log" | rate >>"$tmp/g"
+  load 127.0.0.1:29981 $pid | tee -a "$tmp/g.log" | rate >>"$tmp/g"
   kill $pid; wait $pid 2>/dev/null || true
-  load 127.0.0.1:29982 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
+  load 127.0.0.1:29982 $npid | tee -a "$tmp/n.log" | rate >>"$tmp/n"
   if command -v postgrey >/dev/null && [ "$(id -u)" = 0 ]; then
     mkdir -p "$tmp/pg" && chown postgrey "$tmp/pg"
-    postgrey --inet=127.0.0.1:29983 --dbdir="$tmp/pg" --user=postgrey --group=postgrey \
+    "${server[@]}" postgrey --inet=127.0.0.1:29983 --dbdir="$tmp/pg" --user=postgrey --group=postgrey \
       --pidfile="$tmp/pg.pid" -d 2>/dev/null
     sleep 2
-    load 127.0.0.1:29983 | tee -a "$tmp/p.log" | rate >>"$tmp/p"
+    load 127.0.0.1:29983 "$(cat "$tmp/pg.pid")" | tee -a "$tmp/p.log" | rate >>"$tmp/p"
     kill "$(cat "$tmp/pg.pid")"; sleep 0.5; rm -rf "$tmp/pg" "$tmp/pg.pid"
   fi
 done
@@ -51,4 +71,5 @@ if [ -s "$tmp/p" ]; then
   p=$(median <"$tmp/p")
   echo "postgrey              $p   (greydaemon at $((g / p))x)"
 fi
-echo "--- greydaemon latency, the median run:"; sort -k2 -n "$tmp/g.log" | sed -n 2p
+echo "--- greydaemon latency and CPU per request, the median run:"; sort -k2 -n "$tmp/g.log" | sed -n 2p
+echo "--- the null responder's median run:"; sort -k2 -n "$tmp/n.log" | sed -n 2p

@@ -139,6 +139,9 @@ func runNullGreylistd(args []string) error {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "nullgreylistd: listening on %s\n", *socket)
+	// Read buffers come from a pool, as greydaemon's do: a 16 KB array on
+	// each goroutine's stack would make every connection grow a stack.
+	buffers := sync.Pool{New: func() any { return new([16384]byte) }}
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -146,7 +149,8 @@ func runNullGreylistd(args []string) error {
 		}
 		go func() {
 			defer c.Close()
-			var buf [16384]byte
+			buf := buffers.Get().(*[16384]byte)
+			defer buffers.Put(buf)
 			if _, err := c.Read(buf[:]); err != nil && err != io.EOF {
 				return
 			}
