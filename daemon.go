@@ -161,8 +161,8 @@ func (d *daemon) open(set *Settings) error {
 		} else if ln, unixPath, err = listenPolicy(set.PolicyListen, set.PolicyMode); err != nil {
 			return fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
 		}
-		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, maxConns: set.PolicyMaxConnections,
-			idle: set.PolicyIdleTimeout.Duration, conns: map[net.Conn]struct{}{}}
+		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections),
+			idle: set.PolicyIdleTimeout.Duration}
 		d.frontEnds = append(d.frontEnds, d.policy)
 	}
 	if set.GreylistdListen != "" {

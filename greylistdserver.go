@@ -4,7 +4,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,17 +23,12 @@ const listTimeout = 10 * time.Second
 // awaited (greylistd's own tool sends neither and waits for the answer).
 // The reply ends without a newline, and the server closes the connection.
 type listServer struct {
-	book     *listBook
-	ln       net.Listener
-	path     string // the socket file, removed when the server stops
-	log      *logger
-	dlog     *decisionLog
-	maxConns int
-
-	mu      sync.Mutex
-	conns   map[net.Conn]struct{} // open connections
-	closing bool
-	wg      sync.WaitGroup
+	book  *listBook
+	ln    net.Listener
+	path  string // the socket file, removed when the server stops
+	log   *logger
+	dlog  *decisionLog
+	conns *connSet
 
 	scratch sync.Pool // *listConn
 	stripes [16]listCounts
@@ -57,8 +51,7 @@ type listConn struct {
 
 // newListServer returns a server for book on ln, whose socket file is path.
 func newListServer(book *listBook, ln net.Listener, path string, log *logger, dlog *decisionLog, maxConns int) *listServer {
-	s := &listServer{book: book, ln: ln, path: path, log: log, dlog: dlog, maxConns: maxConns,
-		conns: map[net.Conn]struct{}{}}
+	s := &listServer{book: book, ln: ln, path: path, log: log, dlog: dlog, conns: newConnSet(maxConns)}
 	s.scratch.New = func() any {
 		return &listConn{buf: make([]byte, listRequestMax), reply: make([]byte, 0, 256), logb: make([]byte, 0, 256)}
 	}
@@ -74,70 +67,26 @@ func (s *listServer) Addr() net.Addr { return s.ln.Addr() }
 // Serve accepts connections until Close, then waits for the connections it
 // is answering and removes the socket file.
 func (s *listServer) Serve() error {
-	var failures atomic.Uint64
-	for {
-		c, err := s.ln.Accept()
-		if err != nil {
-			s.mu.Lock()
-			closing := s.closing
-			s.mu.Unlock()
-			if closing || errors.Is(err, net.ErrClosed) {
-				break
-			}
-			if rarely(&failures, 1) {
-				s.log.Errorf("greylistd: cannot accept a connection: %v", err)
-			}
-			time.Sleep(10 * time.Millisecond)
-			continue
+	s.conns.serve(s.ln, s.path, "greylistd", s.log, func(c net.Conn) {
+		id := s.nextID.Add(1)
+		s.serveConn(c, &s.stripes[id%uint64(len(s.stripes))], int(id))
+	}, func(net.Conn) {
+		id := s.nextID.Add(1)
+		s.stripes[id%uint64(len(s.stripes))].refused.Add(1)
+		if s.dlog.allowBad(int(id), s.book.g.now()) {
+			s.log.Warnf("greylistd: %d connections open, the most allowed; closing a new one", s.conns.max)
 		}
-		s.accept(c)
-	}
-	s.wg.Wait()
-	if s.path != "" {
-		os.Remove(s.path)
-	}
+	})
 	return nil
-}
-
-// accept starts answering c, unless the server is at its connection cap.
-func (s *listServer) accept(c net.Conn) {
-	id := s.nextID.Add(1)
-	counts := &s.stripes[id%uint64(len(s.stripes))]
-	s.mu.Lock()
-	if s.closing || len(s.conns) >= s.maxConns {
-		full := !s.closing
-		s.mu.Unlock()
-		if full {
-			counts.refused.Add(1)
-			if s.dlog.allowBad(int(id), s.book.g.now()) {
-				s.log.Warnf("greylistd: %d connections open, the most allowed; closing a new one", s.maxConns)
-			}
-		}
-		c.Close()
-		return
-	}
-	s.conns[c] = struct{}{}
-	s.wg.Add(1)
-	s.mu.Unlock()
-	go func() {
-		defer s.wg.Done()
-		s.serveConn(c, counts, int(id))
-		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-		c.Close()
-	}()
 }
 
 // serveConn reads one request from c, answers it and returns.
 func (s *listServer) serveConn(c net.Conn, counts *listCounts, id int) {
-	s.mu.Lock() // so as not to undo Close's deadline
-	if s.closing {
-		s.mu.Unlock()
-		return
+	deadline := time.Now().Add(listTimeout)
+	if !s.conns.setReadDeadline(c, deadline) {
+		return // stopping
 	}
-	c.SetDeadline(time.Now().Add(listTimeout))
-	s.mu.Unlock()
+	c.SetWriteDeadline(deadline)
 	lc := s.scratch.Get().(*listConn)
 	defer s.scratch.Put(lc)
 	n, err := c.Read(lc.buf)
@@ -203,15 +152,7 @@ func (s *listServer) logRequest(lc *listConn, id int) {
 }
 
 // Close stops accepting and makes every open connection stop reading.
-func (s *listServer) Close() error {
-	s.mu.Lock()
-	s.closing = true
-	for c := range s.conns {
-		c.SetReadDeadline(time.Unix(1, 0))
-	}
-	s.mu.Unlock()
-	return s.ln.Close()
-}
+func (s *listServer) Close() error { return s.conns.close(s.ln) }
 
 // UpdateStats adds what the server did so far to st.
 func (s *listServer) UpdateStats(st *FrontEndStats) {

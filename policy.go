@@ -11,7 +11,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -151,16 +150,11 @@ type policyServer struct {
 	unixPath string // the socket file, removed at close; "" for TCP
 	dlog     *decisionLog
 	log      *logger
-	maxConns int
+	conns    *connSet
 	idle     time.Duration
 
 	allow   atomic.Pointer[IPRanges] // TCP peers answered; nil: all
 	replies atomic.Pointer[policyReplies]
-
-	mu      sync.Mutex
-	conns   map[net.Conn]struct{} // open connections
-	closing bool
-	wg      sync.WaitGroup
 
 	stripes [16]policyCounts // counters, striped by connection
 	nextID  atomic.Uint64
@@ -204,35 +198,18 @@ func (p *policyServer) Addr() net.Addr { return p.ln.Addr() }
 // Serve accepts connections until Close, then waits for each connection to
 // finish the request it is answering.
 func (p *policyServer) Serve() error {
-	var failures atomic.Uint64
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			p.mu.Lock()
-			closing := p.closing
-			p.mu.Unlock()
-			if closing || errors.Is(err, net.ErrClosed) {
-				break
-			}
-			// Out of file descriptors and the like: wait a moment, and
-			// do not flood the log.
-			if rarely(&failures, 1) {
-				p.log.Errorf("policy: cannot accept a connection: %v", err)
-			}
-			time.Sleep(10 * time.Millisecond)
-			continue
+	p.conns.serve(p.ln, p.unixPath, "policy", p.log, p.accept, func(c net.Conn) {
+		id := p.nextID.Add(1)
+		p.stripes[id%uint64(len(p.stripes))].refused.Add(1)
+		if p.dlog.allowBad(int(id), p.g.now()) {
+			p.log.Warnf("policy: %d connections open, the most policy_max_connections allows; closing a new one from %s",
+				p.conns.max, c.RemoteAddr())
 		}
-		p.accept(c)
-	}
-	p.wg.Wait()
-	if p.unixPath != "" {
-		os.Remove(p.unixPath)
-	}
+	})
 	return nil
 }
 
-// accept starts serving c, unless it comes from outside the allow list or
-// the server is at its connection cap.
+// accept serves c, unless it comes from outside the allow list.
 func (p *policyServer) accept(c net.Conn) {
 	id := p.nextID.Add(1)
 	counts := &p.stripes[id%uint64(len(p.stripes))]
@@ -241,49 +218,16 @@ func (p *policyServer) accept(c net.Conn) {
 			addr, _ := netip.AddrFromSlice(a.IP)
 			if !allow.Contains(addr.Unmap()) {
 				counts.refused.Add(1)
-				c.Close()
 				return
 			}
 		}
 	}
-	p.mu.Lock()
-	if p.closing || len(p.conns) >= p.maxConns {
-		full := !p.closing
-		p.mu.Unlock()
-		if full {
-			counts.refused.Add(1)
-			if p.dlog.allowBad(int(id), p.g.now()) {
-				p.log.Warnf("policy: %d connections open, the most policy_max_connections allows; closing a new one from %s",
-					p.maxConns, c.RemoteAddr())
-			}
-		}
-		c.Close()
-		return
-	}
-	p.conns[c] = struct{}{}
-	p.wg.Add(1)
-	p.mu.Unlock()
-	go func() {
-		defer p.wg.Done()
-		p.serveConn(c, counts, int(id))
-		p.mu.Lock()
-		delete(p.conns, c)
-		p.mu.Unlock()
-		c.Close()
-	}()
+	p.serveConn(c, counts, int(id))
 }
 
 // Close stops accepting and makes every connection stop reading: each
 // answers the request it has read, then closes.
-func (p *policyServer) Close() error {
-	p.mu.Lock()
-	p.closing = true
-	for c := range p.conns {
-		c.SetReadDeadline(time.Unix(1, 0))
-	}
-	p.mu.Unlock()
-	return p.ln.Close()
-}
+func (p *policyServer) Close() error { return p.conns.close(p.ln) }
 
 // UpdateStats adds what the server did so far to st.
 func (p *policyServer) UpdateStats(st *FrontEndStats) {
@@ -385,14 +329,8 @@ func (p *policyServer) serveConn(c net.Conn, counts *policyCounts, id int) {
 		if pc.req.size > 0 {
 		} else if now := time.Now(); now.After(idleUntil.Add(-p.idle / 2)) {
 			idleUntil = now.Add(p.idle)
-			p.mu.Lock() // so as not to undo Close's deadline
-			closing := p.closing
-			if !closing {
-				c.SetReadDeadline(idleUntil)
-			}
-			p.mu.Unlock()
-			if closing {
-				return
+			if !p.conns.setReadDeadline(c, idleUntil) {
+				return // stopping
 			}
 		}
 		line, err := br.ReadSlice('\n')

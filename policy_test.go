@@ -340,7 +340,7 @@ func FuzzPolicyConnection(f *testing.F) {
 	f.Fuzz(func(t *testing.T, input []byte) {
 		g, _ := newTestGreylister(t, "")
 		p := &policyServer{g: g, log: newLogger(io.Discard, false), dlog: newDecisionLog(io.Discard),
-			idle: time.Minute, maxConns: 1, conns: map[net.Conn]struct{}{}}
+			idle: time.Minute, conns: newConnSet(1)}
 		text, _ := parseDeferText(defaultDeferText)
 		p.replies.Store(&policyReplies{deferText: text, prepend: true})
 		server, client := socketPair(t)

@@ -20,13 +20,8 @@ chmod 755 "$tmp"
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$tmp/pg.pid" ] && kill "$(cat "$tmp/pg.pid")" 2>/dev/null; rm -rf "$tmp"' EXIT
 go build -o "$tmp/greydaemon" .
 go build -o "$tmp/greyload" ./cmd/greyload
-server=() load=()
-if [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-  server=(taskset -c 0) load=(taskset -c 1)
-  echo "servers pinned to core 0, the load generator to core 1"
-fi
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
+source scripts/perf-lib.sh
+pin
 cat >"$tmp/g.toml" <<CONF
 listen = "127.0.0.1:29980"
 state_file = "$tmp/state"
@@ -41,10 +36,8 @@ load() {
   c0=$(cpu "$2")
   out=$("${load[@]}" "$tmp/greyload" policy -addr "$1" -conns 16 -duration "${secs}s")
   c1=$(cpu "$2")
-  echo "$out" | awk -v t=$((c1 - c0)) -v hz="$hz" '{printf "%s  cpu/req %.2fus\n", $0, t * 1e6 / hz / $4}'
+  echo "$out" | per_request $((c1 - c0)) 4
 }
-rate() { awk '{print $2}'; }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$tmp/g"; : >"$tmp/n"; : >"$tmp/p"
 for run in 1 2 3; do
   rm -f "$tmp/state"*

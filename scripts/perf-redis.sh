@@ -23,8 +23,7 @@ sleep 0.5
 cat >"$tmp/redis.toml" <<CONF
 redis_url = "redis://127.0.0.1:29995/0"
 CONF
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
+source scripts/perf-lib.sh
 # run CONFIG [greyload flags]: a fresh daemon, one load run; prints the
 # generator's line with the daemon's and Redis's CPU µs per request.
 run() {
@@ -42,8 +41,6 @@ run() {
     '{printf "%s  daemon cpu/req %.2fus  redis cpu/req %.2fus\n", $0, d * 1e6 / hz / $6, r * 1e6 / hz / $6}'
 }
 : >"$tmp/empty.toml"
-rate() { awk '{print $2}'; }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 : >"$tmp/m"; : >"$tmp/r"
 for i in 1 2 3; do
   run "$tmp/empty.toml" | tee -a "$tmp/m.log" | rate >>"$tmp/m"

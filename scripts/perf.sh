@@ -21,16 +21,8 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 go build -o "$tmp/greydaemon" .
 go build -o "$tmp/greyload" ./cmd/greyload
 
-server=() load=()
-if [ "${PIN:-1}" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
-  server=(taskset -c 0) load=(taskset -c 1)
-  echo "servers pinned to core 0, the load generator to core 1"
-else
-  echo "no pinning: the scheduler places every process"
-fi
-# cpu PID: the process's user+system CPU time so far, in clock ticks.
-cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
+source scripts/perf-lib.sh
+pin
 # measure PID ARGS...: runs the generator with ARGS and appends to its output
 # the server's CPU µs per answered request.
 measure() {
@@ -39,7 +31,7 @@ measure() {
   c0=$(cpu "$pid")
   out=$("${load[@]}" "$tmp/greyload" run "$@")
   c1=$(cpu "$pid")
-  echo "$out" | awk -v t=$((c1 - c0)) -v hz="$hz" '{printf "%s  cpu/req %.2fus\n", $0, t * 1e6 / hz / $6}'
+  echo "$out" | per_request $((c1 - c0)) 6
 }
 
 "${server[@]}" "$tmp/greyload" null -listen 127.0.0.1:29991 2>/dev/null &
@@ -58,8 +50,6 @@ grey() {
   measure $pid -addr 127.0.0.1:29990 -duration "${secs}s" -warmup 2s "$@"
   kill $pid; wait $pid 2>/dev/null || true
 }
-rate() { awk '{print $2}'; }
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # The Perl daemon, when GREYDAEMON_PERL names its source (John Levine's
 # greydaemon.pl; it is not part of this repository), on the same load.

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -70,18 +69,7 @@ func runGreylistd(args []string) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	var all []time.Duration
-	for _, l := range results {
-		all = append(all, l...)
-	}
-	if len(all) == 0 {
-		return fmt.Errorf("no replies")
-	}
-	slices.Sort(all)
-	pct := func(p float64) time.Duration { return all[min(len(all)-1, int(p*float64(len(all))))] }
-	fmt.Printf("requests/s %.0f  answered %d  p50 %v  p99 %v  p99.9 %v  max %v  busy %d\n",
-		float64(len(all))/elapsed.Seconds(), len(all), pct(0.5), pct(0.99), pct(0.999), all[len(all)-1], busy.Load())
-	return nil
+	return printLatencies(results, elapsed, fmt.Sprintf("  busy %d", busy.Load()))
 }
 
 // askOnce sends one request on a new connection, as Exim's readsocket

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -98,12 +99,16 @@ func runPolicy(args []string) error {
 		})
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
+	return printLatencies(results, time.Since(start), "")
+}
+
+// printLatencies prints the rate and the latency percentiles of the
+// requests whose latencies each loop recorded in results, over elapsed,
+// then extra.
+func printLatencies(results [][]time.Duration, elapsed time.Duration, extra string) error {
 	var all []time.Duration
 	for _, l := range results {
 		all = append(all, l...)
@@ -113,8 +118,8 @@ func runPolicy(args []string) error {
 	}
 	slices.Sort(all)
 	pct := func(p float64) time.Duration { return all[min(len(all)-1, int(p*float64(len(all))))] }
-	fmt.Printf("requests/s %.0f  answered %d  p50 %v  p99 %v  p99.9 %v  max %v\n",
-		float64(len(all))/elapsed.Seconds(), len(all), pct(0.5), pct(0.99), pct(0.999), all[len(all)-1])
+	fmt.Printf("requests/s %.0f  answered %d  p50 %v  p99 %v  p99.9 %v  max %v%s\n",
+		float64(len(all))/elapsed.Seconds(), len(all), pct(0.5), pct(0.99), pct(0.999), all[len(all)-1], extra)
 	return nil
 }
 
