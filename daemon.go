@@ -439,7 +439,18 @@ loop:
 		case <-d.saveNow:
 			d.save("request")
 		case reply := <-d.saveRequests:
-			reply <- d.save("greylistd save command")
+			err := d.save("greylistd save command")
+			reply <- err
+			// Requests that came meanwhile are answered by the same save:
+			// a crowd of clients cannot queue one save each.
+			for drained := false; !drained; {
+				select {
+				case r := <-d.saveRequests:
+					r <- err
+				default:
+					drained = true
+				}
+			}
 		case sig := <-d.signals:
 			switch sig {
 			case syscall.SIGHUP:

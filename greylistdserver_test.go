@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -274,4 +275,30 @@ func TestListSocketActivation(t *testing.T) {
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("the passed socket's file was removed: %v", err)
 	}
+}
+
+// TestListSaveCommandsCoalesce sends many save commands at once: each is
+// answered, by fewer saves than requests.
+func TestListSaveCommandsCoalesce(t *testing.T) {
+	clock := newFakeClock()
+	var saves atomic.Int64
+	cfg := defaultConfig()
+	cfg.GreylistdListen = filepath.Join(t.TempDir(), "greylistd.sock")
+	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, func(d *daemon) {
+		d.onSave = func(saveStats, error) { saves.Add(1) }
+	})
+	defer td.stop(t)
+	var wg sync.WaitGroup
+	for range 50 {
+		wg.Go(func() {
+			if got := askSocket(t, cfg.GreylistdListen, "save", true); got != "greylistd data has been saved" {
+				t.Errorf("save answered %q", got)
+			}
+		})
+	}
+	wg.Wait()
+	if n := saves.Load(); n < 1 || n >= 50 {
+		t.Fatalf("%d saves for 50 save commands at once", n)
+	}
+	t.Logf("%d saves for 50 save commands at once", saves.Load())
 }
