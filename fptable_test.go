@@ -7,8 +7,9 @@ import (
 )
 
 // TestFPMapModel runs random operations on an fpMap and on a Go map side
-// by side, from a small key space so that keys come and go many times
-// (tombstones, resizes in both directions), and compares them after each.
+// by side, from a key space small enough that keys come and go many times
+// (tombstones, growths, shrinks, operations in the middle of a growth), and
+// compares them every so often.
 func TestFPMapModel(t *testing.T) {
 	r := rand.New(rand.NewPCG(5, 6))
 	var m fpMap
@@ -30,29 +31,34 @@ func TestFPMapModel(t *testing.T) {
 		if seen != len(model) {
 			t.Fatalf("step %d: each visited %d of %d", step, seen, len(model))
 		}
-		if m.count+m.deleted > m.slots()*maxLoadNum/maxLoadDen {
-			t.Fatalf("step %d: %d full and %d deleted of %d slots", step, m.count, m.deleted, m.slots())
+		if m.cur.full+m.cur.deleted > m.cur.slots()*maxLoadNum/maxLoadDen {
+			t.Fatalf("step %d: %d full and %d deleted of %d slots", step, m.cur.full, m.cur.deleted, m.cur.slots())
+		}
+		if m.count != m.cur.full+m.old.full {
+			t.Fatalf("step %d: %d entries counted, %d + %d held", step, m.count, m.cur.full, m.old.full)
 		}
 	}
+	migrating := 0
 	for step := range 200_000 {
-		k := tkey(uint64(r.IntN(3000)))
+		k := tkey(uint64(r.IntN(50_000)))
 		key := (*[16]byte)(&k)
-		switch op := r.IntN(100); {
-		case op < 50:
+		switch op := r.IntN(10_000); {
+		case op < 6000:
 			v := r.Uint32()
 			if _, held := model[k]; m.set(key, v) == held {
 				t.Fatalf("step %d: set reported new=%v for a key the model held=%v", step, !held, held)
 			}
 			model[k] = v
-		case op < 80:
+		case op < 9950:
 			v, ok := m.get(key)
 			if want, held := model[k]; ok != held || v != want {
 				t.Fatalf("step %d: get %d,%v; model %d,%v", step, v, ok, want, held)
 			}
-		case op < 99:
-			// Delete a random tenth of the entries, as a sweep does.
+		case op < 9995:
+			// Delete a random part of the entries, as a sweep does.
+			part := 1 + r.IntN(10)
 			m.each(func(k *[16]byte, _ *uint32) bool {
-				if r.IntN(10) == 0 {
+				if r.IntN(part) == 0 {
 					delete(model, *k)
 					return true
 				}
@@ -63,11 +69,21 @@ func TestFPMapModel(t *testing.T) {
 			m.clear()
 			clear(model)
 		}
+		if len(m.old.groups) > 0 {
+			migrating++
+			if step%50 == 0 {
+				check(step) // in the middle of a growth
+			}
+		}
 		if step%1000 == 0 {
 			check(step)
 		}
 	}
 	check(-1)
+	if migrating < 100 {
+		t.Fatalf("only %d steps ran while the map was growing; the test does not exercise incremental growth", migrating)
+	}
+	t.Logf("%d of 200,000 steps ran while the map was growing", migrating)
 }
 
 // TestFPMapMemory checks the promise of fptable.go: with 100,000 entries the
