@@ -121,8 +121,9 @@ func (s *listServer) serveConn(c net.Conn, counts *listCounts, id int) {
 		if cw, ok := c.(interface{ CloseWrite() error }); ok {
 			cw.CloseWrite()
 		}
-		c.SetReadDeadline(time.Now().Add(time.Second))
-		io.CopyN(io.Discard, c, 1<<20)
+		if s.conns.setReadDeadline(c, time.Now().Add(time.Second)) {
+			io.CopyN(io.Discard, c, 1<<20)
+		}
 	}
 }
 

@@ -92,7 +92,7 @@ func (cs *connSet) isClosing() bool {
 	return cs.closing
 }
 
-// setDeadline sets c's read deadline, unless close was called (whose
+// setReadDeadline sets c's read deadline, unless close was called (whose
 // deadline it must not undo), and reports whether it did.
 func (cs *connSet) setReadDeadline(c net.Conn, t time.Time) bool {
 	cs.mu.Lock()
