@@ -77,13 +77,11 @@ func importGreylistdCommand(args []string, w io.Writer, now func() time.Time) er
 			return
 		}
 		words, _ = appendListWords(words[:0], []byte(text))
-		k := listKeyOf(words)
-		if _, held := tbl.lookupList(k, t, exp); held {
+		if tbl.restoreList(listKeyOf(words), e, t, exp) {
+			st.imported++
+		} else {
 			st.present++
-			return
 		}
-		tbl.restoreList(k, e, t, exp)
-		st.imported++
 	}, func(string) { st.bad++ })
 	if err != nil {
 		return err

@@ -16,8 +16,8 @@ import (
 // known IPs and grey triplets are in fpMaps (fptable.go): open-addressing
 // tables outside the Go heap, 24 to 30 bytes an entry. Every operation holds
 // one shard lock for a few map operations and does no I/O, logging or
-// allocation under it, except that an insert may grow a map (a shard holds
-// at most about 8192 entries, so that takes a fraction of a millisecond).
+// allocation under it, except that an insert may start or advance the
+// growth of a map (a step moves 64 groups: tens of microseconds).
 //
 // The table enforces a hard cap on the number of entries (known IPs plus
 // grey triplets) per shard. A shard that is full evicts before it inserts:
@@ -663,13 +663,14 @@ func (t *table) reserveGrey(entries int) {
 }
 
 // restoreList inserts a greylistd entry loaded from a snapshot, unless the
-// data string is already held.
-func (t *table) restoreList(k listKey, e listEntry, now uint32, exp expiry) {
+// data string is already held, and reports whether it inserted it.
+func (t *table) restoreList(k listKey, e listEntry, now uint32, exp expiry) bool {
 	e.first, e.last = t.clamp(e.first, now), t.clamp(e.last, now)
 	s := t.shardFor(k.shardHash())
 	s.mu.Lock()
 	var evicted int
-	if _, ok := s.lists[k]; !ok {
+	_, held := s.lists[k]
+	if !held {
 		evicted = s.makeRoomLocked(t.shardCap, now, exp)
 		if s.lists == nil {
 			s.lists = make(map[listKey]listEntry)
@@ -680,6 +681,7 @@ func (t *table) restoreList(k listKey, e listEntry, now uint32, exp expiry) {
 	if evicted > 0 {
 		t.evicted.Add(uint64(evicted))
 	}
+	return !held
 }
 
 // restoreGrey inserts a grey triplet loaded from a snapshot, keeping the
