@@ -134,14 +134,8 @@ func (d *daemon) open(set *Settings) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", set.Source.describe("listen"), err)
 	}
-	readers, unbatched := readersPerSocket(len(conns)), false
-	if set.RedisURL != "" || len(set.RedisSentinels) > 0 {
-		// Each decision waits for a round trip to Redis: readers enough
-		// that the waits overlap (rueidis pipelines them on one
-		// connection), each with one request at a time.
-		readers, unbatched = max(readers, 16), true
-	}
-	d.qmail = &server{conns: conns, readers: readers, unbatched: unbatched, log: d.log}
+	remote := set.RedisURL != "" || len(set.RedisSentinels) > 0
+	d.qmail = &server{conns: conns, readers: readersPerSocket(len(conns), remote), log: d.log}
 	d.frontEnds = append(d.frontEnds, d.qmail)
 	if activated {
 		d.log.Infof("using %d socket(s) passed by the service manager", len(conns))

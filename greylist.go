@@ -136,15 +136,30 @@ type Greylister struct {
 
 // A remoteDecider decides requests in a store shared with other daemons.
 type remoteDecider interface {
-	// decide decides a request from client whose recipients before a
-	// bounce-rule one have the given triplet keys, bounce saying whether
-	// one ended it and malformed whether a bad field did. It returns the
-	// verdict (0: malformed) and the last triplet's age, or an error when
-	// the store could not answer.
-	decide(client clientKey, triplets []tripletKey, bounce, malformed bool, now uint32, p Policy) (Verdict, uint32, error)
+	// decide decides the requests in one round trip to the store, in
+	// their order, and fills in each one's result: its verdict and age,
+	// or an error when the store could not answer.
+	decide(reqs []remoteRequest, p Policy)
 	// fallbackVerdict returns the verdict for a request the store could
 	// not decide, or false to decide it locally.
 	fallbackVerdict() (Verdict, bool)
+}
+
+// A remoteRequest is one request as the shared store decides it, and, once
+// decided, its result.
+type remoteRequest struct {
+	now      uint32
+	client   clientKey
+	triplets []tripletKey // the recipients' before a bounce-rule one
+	// bounce says that a bounce-rule recipient ended the request, and
+	// malformed that a bad field did (the triplets before it are still
+	// recorded, and a known client is still accepted, as locally).
+	bounce, malformed bool
+	badField          error // a qmail request's bad field, for a malformed verdict
+
+	verdict Verdict // 0: malformed
+	age     uint32  // the last triplet's age
+	err     error   // the store could not answer
 }
 
 // rules are what a reload may change in a Greylister.
@@ -382,27 +397,38 @@ func (g *Greylister) sweep(ctx context.Context, interval time.Duration, roundDon
 	}
 }
 
-// decideRemote decides a request in Redis, as the local decision does:
-// the client c (already not whitelisted), sender s, and the recipients;
-// malformed says that a bad field followed them (triplets before it are
-// still recorded, and a known client is still accepted, as locally). It
-// reports false when Redis could not answer and the fallback is to decide
-// locally; otherwise it returns the verdict (0 for malformed; redis_fallback's
-// when Redis could not answer) and the last triplet's age.
-func (g *Greylister) decideRemote(kb *keyBuilder, c Client, s Sender, rcpts [][]byte, malformed bool, now uint32) (Verdict, uint32, bool) {
-	var triplets []tripletKey
-	bounce := false
-	for _, r := range rcpts {
-		if s.null && looksLikeVERP(r) {
-			bounce, malformed = true, false // the bounce rule ends the request first
+// prepareRemote fills r with the request from client c (already not
+// whitelisted) with sender s and the recipients, for the shared store;
+// malformed says that a bad field followed them. kb is the caller's
+// scratch space.
+func (g *Greylister) prepareRemote(kb *keyBuilder, r *remoteRequest, c Client, s Sender, rcpts [][]byte, malformed bool, now uint32) {
+	*r = remoteRequest{now: now, client: c.key, triplets: r.triplets[:0], malformed: malformed}
+	for _, rcpt := range rcpts {
+		if s.null && looksLikeVERP(rcpt) {
+			r.bounce, r.malformed = true, false // the bounce rule ends the request first
 			break
 		}
-		triplets = append(triplets, kb.triplet(c.key, s.text, r))
+		r.triplets = append(r.triplets, kb.triplet(c.key, s.text, rcpt))
 	}
-	v, age, err := g.remote.decide(c.key, triplets, bounce, malformed, now, g.Policy())
-	if err == nil {
-		return v, age, true
+}
+
+// finishRemote returns the result of a request the shared store decided:
+// the verdict (0 for malformed; redis_fallback's when the store could not
+// answer) and the last triplet's age, or false when the store could not
+// answer and the fallback is to decide locally.
+func (g *Greylister) finishRemote(r *remoteRequest) (Verdict, uint32, bool) {
+	if r.err == nil {
+		return r.verdict, r.age, true
 	}
 	v, ok := g.remote.fallbackVerdict()
 	return v, 0, ok
+}
+
+// decideRemote decides one request in the shared store, as the local
+// decision does; see prepareRemote and finishRemote.
+func (g *Greylister) decideRemote(kb *keyBuilder, c Client, s Sender, rcpts [][]byte, malformed bool, now uint32) (Verdict, uint32, bool) {
+	reqs := make([]remoteRequest, 1) // a round trip costs far more
+	g.prepareRemote(kb, &reqs[0], c, s, rcpts, malformed, now)
+	g.remote.decide(reqs, g.Policy())
+	return g.finishRemote(&reqs[0])
 }

@@ -38,13 +38,24 @@ func socketCount() int {
 // one. Two readers on one socket queue on its read lock (the Go runtime
 // holds it while a reader waits for data), which gained nothing in
 // throughput or in reply delay during saves, and made the runtime allocate
-// wait-queue entries. GREYDAEMON_READERS overrides it, for measurements.
-func readersPerSocket(n int) int {
+// wait-queue entries. When decisions go to a shared store (remote), each
+// reader waits for a round trip per batch, so there are
+// redisReadersPerSocket, enough that the waits overlap. GREYDAEMON_READERS
+// overrides it, for measurements.
+func readersPerSocket(n int, remote bool) int {
 	if r, err := strconv.Atoi(os.Getenv("GREYDAEMON_READERS")); err == nil && r > 0 && r <= 64 {
 		return r
 	}
-	return max(1, (runtime.GOMAXPROCS(0)+n-1)/n)
+	r := max(1, (runtime.GOMAXPROCS(0)+n-1)/n)
+	if remote {
+		r = max(r, redisReadersPerSocket)
+	}
+	return r
 }
+
+// redisReadersPerSocket is how many readers serve each socket when
+// decisions go to Redis.
+const redisReadersPerSocket = 4
 
 // listenUDP binds n UDP sockets to addr; with n > 1 they share it through
 // SO_REUSEPORT, and the kernel spreads clients over them.

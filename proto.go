@@ -73,17 +73,24 @@ func nextRecipient(fields []byte) (rcpt, rest []byte, ok bool, err error) {
 // recorded for recipients before a bad field stay recorded, as in the Perl
 // daemon. kb is the caller's scratch space.
 func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, error) {
+	if g.remote != nil {
+		reqs := make([]remoteRequest, 1) // a round trip costs far more
+		if v, pending, err := g.prepareQmailRemote(kb, &reqs[0], datagram); !pending {
+			return v, err
+		}
+		g.remote.decide(reqs, g.Policy())
+		return g.finishQmailRemote(kb, &reqs[0], datagram)
+	}
 	req, err := parseRequest(datagram)
 	if err != nil {
 		return 0, err
 	}
-	now := g.clock()
-	client := g.ParseClient(req.client)
-	if g.remote != nil {
-		if v, ok, err := g.decideQmailRemote(kb, client, req, now); ok {
-			return v, err
-		}
-	}
+	return g.decideQmailLocal(kb, g.ParseClient(req.client), req, g.clock())
+}
+
+// decideQmailLocal decides a parsed qmail request from client against the
+// local table.
+func (g *Greylister) decideQmailLocal(kb *keyBuilder, client Client, req request, now uint32) (Verdict, error) {
 	if v, done := g.checkClient(client, now); done {
 		return v, nil
 	}
@@ -116,19 +123,26 @@ func appendReply(dst []byte, v Verdict) []byte {
 	return append(dst, byte(v>>8), byte(v))
 }
 
-// decideQmailRemote decides a qmail request in Redis (redis.go). It reports
-// false when Redis could not answer and the request is to be decided
-// locally.
-func (g *Greylister) decideQmailRemote(kb *keyBuilder, client Client, req request, now uint32) (Verdict, bool, error) {
-	if g.whitelisted(client) {
-		return AcceptWhitelisted, true, nil
+// prepareQmailRemote readies a qmail request datagram for the shared store
+// (Redis, redis.go) in r. It reports pending == false, with the verdict or
+// the error that decideQmail returns, for a request decided without the
+// store: a malformed client field or a whitelisted client. Once the store
+// has decided r, finishQmailRemote gives the result.
+func (g *Greylister) prepareQmailRemote(kb *keyBuilder, r *remoteRequest, datagram []byte) (v Verdict, pending bool, err error) {
+	req, err := parseRequest(datagram)
+	if err != nil {
+		return 0, false, err
 	}
-	var rcpts [][]byte
+	client := g.ParseClient(req.client)
+	if g.whitelisted(client) {
+		return AcceptWhitelisted, false, nil
+	}
 	var bad error
 	senderText, fields, err := req.sender()
 	if err != nil {
 		bad = err
 	}
+	kb.rcpts = kb.rcpts[:0]
 	for bad == nil {
 		rcpt, rest, ok, err := nextRecipient(fields)
 		if err != nil {
@@ -137,12 +151,26 @@ func (g *Greylister) decideQmailRemote(kb *keyBuilder, client Client, req reques
 		if !ok {
 			break
 		}
-		rcpts = append(rcpts, rcpt)
+		kb.rcpts = append(kb.rcpts, rcpt)
 		fields = rest
 	}
-	v, _, ok := g.decideRemote(kb, client, g.ParseSender(kb, senderText), rcpts, bad != nil, now)
-	if ok && v == 0 {
-		return 0, true, bad
+	g.prepareRemote(kb, r, client, g.ParseSender(kb, senderText), kb.rcpts, bad != nil, g.clock())
+	r.badField = bad
+	return 0, true, nil
+}
+
+// finishQmailRemote returns what decideQmail returns for datagram, which
+// prepareQmailRemote readied in r and the store has decided. When the store
+// could not answer and redis_fallback says so, it decides the request
+// against the local table.
+func (g *Greylister) finishQmailRemote(kb *keyBuilder, r *remoteRequest, datagram []byte) (Verdict, error) {
+	v, _, ok := g.finishRemote(r)
+	if !ok {
+		req, _ := parseRequest(datagram) // parsed before
+		return g.decideQmailLocal(kb, g.ParseClient(req.client), req, r.now)
 	}
-	return v, ok, nil
+	if v == 0 {
+		return 0, r.badField
+	}
+	return v, nil
 }

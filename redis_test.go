@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -287,5 +288,111 @@ func TestRedisSentinelFailover(t *testing.T) {
 	})
 	if !strings.Contains(redisInfo(t, replicaPort, "replication"), "role:master") {
 		t.Error("the replica was not promoted")
+	}
+}
+
+// TestRedisDecidesAsLocally sends the same random requests, in batches as a
+// reader decides them, to a Greylister deciding in a real Redis and to one
+// deciding in its own table, with a clock that jumps across the minimum
+// delay, the resend window and the known-IP lifetime: every verdict and
+// every malformed request agrees.
+func TestRedisDecidesAsLocally(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	clock := newFakeClock()
+	cfg := defaultConfig()
+	cfg.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
+	cfg.RedisPrefix = "model:"
+	set, err := settingsOf(t, cfg)()
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := newRedisStore(set, newLogger(io.Discard, false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.close)
+	for i := 0; store.client.Load() == nil; i++ {
+		if i == 200 {
+			t.Fatal("no connection to Redis within 10 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	wl, err := parseAllow([]string{"192.0.2.9"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := NewGreylister(newTable(4, 10000), set.Policy, wl, clock.now)
+	remote := NewGreylister(newTable(4, 10000), set.Policy, wl, clock.now)
+	remote.remote = store
+
+	rng := rand.New(rand.NewPCG(1, 2))
+	pick := func(s ...string) string { return s[rng.IntN(len(s))] }
+	steps := []time.Duration{0, 10 * time.Second, 2 * time.Minute, 6 * time.Minute, 5 * time.Hour,
+		time.Duration(set.Policy.ResendWindow) * time.Second, 3 * 24 * time.Hour,
+		time.Duration(set.Policy.KnownIPLifetime) * time.Second}
+	var kb keyBuilder
+	var batch [readBatchSize]remoteRequest
+	verdicts := map[Verdict]int{}
+	for round := range 400 {
+		clock.advance(steps[rng.IntN(len(steps))])
+		n := 1 + rng.IntN(6)
+		datagrams := make([][]byte, n)
+		for i := range datagrams {
+			ip := fmt.Sprintf("192.0.2.%d", 1+rng.IntN(9))
+			rcpts := make([]string, 1+rng.IntN(3))
+			for j := range rcpts {
+				rcpts[j] = pick(bob, carol, verp, "dave@example.com")
+			}
+			d := req(ip, pick(alice, "", "eve@example.net"), rcpts...)
+			switch rng.IntN(12) {
+			case 0:
+				d = append(d, "Xjunk\x00"...) // a bad field after the recipients
+			case 1:
+				d = []byte("F" + alice + "\x00") // no client field
+			case 2:
+				d = []byte("I" + ip + "\x00Tbob@example.com\x00") // no sender field
+			}
+			datagrams[i] = d
+		}
+		type result struct {
+			v   Verdict
+			err error
+		}
+		var want, got []result
+		for _, d := range datagrams {
+			v, err := local.decideQmail(&kb, d)
+			want = append(want, result{v, err})
+		}
+		pending := []int{}
+		got = make([]result, n)
+		for i, d := range datagrams {
+			v, wait, err := remote.prepareQmailRemote(&kb, &batch[len(pending)], d)
+			if wait {
+				pending = append(pending, i)
+				continue
+			}
+			got[i] = result{v, err}
+		}
+		store.decide(batch[:len(pending)], set.Policy)
+		for j, i := range pending {
+			v, err := remote.finishQmailRemote(&kb, &batch[j], datagrams[i])
+			got[i] = result{v, err}
+		}
+		for i := range datagrams {
+			if got[i] != want[i] {
+				t.Fatalf("round %d, request %q: Redis decided %v (%v), locally %v (%v)",
+					round, datagrams[i], got[i].v, got[i].err, want[i].v, want[i].err)
+			}
+			verdicts[want[i].v]++
+		}
+	}
+	// The random requests reached every verdict.
+	for _, v := range []Verdict{GreyNew, GreyTooSoon, GreyStale, AcceptKnownIP, AcceptRetried, AcceptBounce, AcceptWhitelisted} {
+		if verdicts[v] == 0 {
+			t.Errorf("no request was decided %v: %v", v, verdicts)
+		}
+	}
+	if store.fallbacks.Load() != 0 || store.failures.Load() != 0 {
+		t.Errorf("%d fallbacks, %d failures", store.fallbacks.Load(), store.failures.Load())
 	}
 }

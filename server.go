@@ -17,12 +17,8 @@ type server struct {
 	g       *Greylister
 	conns   []*net.UDPConn // bound to one address with SO_REUSEPORT when more than one
 	readers int            // reader goroutines per socket
-	// unbatched makes each reader read one datagram at a time: when a
-	// decision waits for a round trip (Redis), a batch would be decided
-	// one request after another by one reader while the others wait.
-	unbatched bool
-	dlog      *decisionLog // decision lines; nil logs nothing
-	log       *logger
+	dlog    *decisionLog   // decision lines; nil logs nothing
+	log     *logger
 
 	// allow holds the networks whose requests are answered; nil answers
 	// everyone. A reload replaces it.
@@ -54,8 +50,12 @@ type worker struct {
 	line   []byte
 	kb     keyBuilder
 	counts workerCounts
-	id     int      // its place among the server's workers; picks its log shard
-	_      [64]byte // keeps the next worker's counters off this cache line
+	// remote and pending are a batch's requests for the shared store and
+	// their datagrams' places in the batch.
+	remote  [readBatchSize]remoteRequest
+	pending []int
+	id      int      // its place among the server's workers; picks its log shard
+	_       [64]byte // keeps the next worker's counters off this cache line
 }
 
 func newWorker() *worker {
@@ -151,7 +151,7 @@ func (s *server) serve(n int) {
 		for range max(n, 1) {
 			wg.Go(func() {
 				w := s.newWorker()
-				if s.unbatched || !s.readLoopBatch(w, conn) {
+				if !s.readLoopBatch(w, conn) {
 					s.readLoop(w, conn)
 				}
 			})
@@ -217,19 +217,10 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 			time.Sleep(time.Millisecond)
 			continue
 		}
-		for i := range n {
-			d, truncated := bc.datagram(i)
-			peer := bc.peer(i)
-			if truncated {
-				w.counts.requests.Add(1)
-				if s.allowed(w, peer) {
-					s.malformed(w, d, peer, "bad req too long")
-				}
-				continue
-			}
-			if reply := s.handle(w, d, peer); reply != nil {
-				bc.queueReply(i, reply)
-			}
+		if s.g.remote != nil {
+			s.decideBatchRemote(w, bc, n)
+		} else {
+			s.decideBatch(w, bc, n)
 		}
 		sent, failed, err := bc.flush()
 		w.counts.replies.Add(uint64(sent))
@@ -239,18 +230,100 @@ func (s *server) readLoopBatch(w *worker, conn *net.UDPConn) bool {
 	}
 }
 
+// decideBatch decides the n datagrams that bc read, one after another,
+// and queues their replies.
+func (s *server) decideBatch(w *worker, bc *batchConn, n int) {
+	for i := range n {
+		d, peer, ok := s.admitBatched(w, bc, i)
+		if !ok {
+			continue
+		}
+		v, err := s.g.decideQmail(&w.kb, d)
+		if reply := s.answer(w, d, peer, v, err); reply != nil {
+			bc.queueReply(i, reply)
+		}
+	}
+}
+
+// decideBatchRemote decides the n datagrams that bc read in the shared
+// store, all of them in one round trip, and queues their replies. Requests
+// decided without the store (a whitelisted client, a bad client field) are
+// answered first.
+func (s *server) decideBatchRemote(w *worker, bc *batchConn, n int) {
+	pending := w.pending[:0]
+	for i := range n {
+		d, peer, ok := s.admitBatched(w, bc, i)
+		if !ok {
+			continue
+		}
+		v, wait, err := s.g.prepareQmailRemote(&w.kb, &w.remote[len(pending)], d)
+		if wait {
+			pending = append(pending, i)
+			continue
+		}
+		if reply := s.answer(w, d, peer, v, err); reply != nil {
+			bc.queueReply(i, reply)
+		}
+	}
+	w.pending = pending
+	if len(pending) == 0 {
+		return
+	}
+	s.g.remote.decide(w.remote[:len(pending)], s.g.Policy())
+	for j, i := range pending {
+		d, _ := bc.datagram(i)
+		v, err := s.g.finishQmailRemote(&w.kb, &w.remote[j], d)
+		if reply := s.answer(w, d, bc.peer(i), v, err); reply != nil {
+			bc.queueReply(i, reply)
+		}
+	}
+}
+
+// admitBatched returns the i'th datagram that bc read and its sender, and
+// reports whether to decide it (see admit). A datagram cut short by the
+// buffer is too long, hence malformed.
+func (s *server) admitBatched(w *worker, bc *batchConn, i int) ([]byte, netip.AddrPort, bool) {
+	d, truncated := bc.datagram(i)
+	peer := bc.peer(i)
+	if truncated {
+		w.counts.requests.Add(1)
+		if s.allowed(w, peer) {
+			s.malformed(w, d, peer, "bad req too long")
+		}
+		return nil, peer, false
+	}
+	return d, peer, s.admit(w, d, peer)
+}
+
 // handle decides one datagram from peer and returns the reply to send, or
 // nil for none. The reply is w's buffer.
 func (s *server) handle(w *worker, datagram []byte, peer netip.AddrPort) []byte {
-	w.counts.requests.Add(1)
-	if !s.allowed(w, peer) {
-		return nil
-	}
-	if len(datagram) > maxRequestSize {
-		s.malformed(w, datagram[:maxRequestSize], peer, "bad req too long")
+	if !s.admit(w, datagram, peer) {
 		return nil
 	}
 	v, err := s.g.decideQmail(&w.kb, datagram)
+	return s.answer(w, datagram, peer, v, err)
+}
+
+// admit counts a datagram from peer and reports whether to decide it: a
+// datagram from outside the allow list, or longer than a request may be,
+// is not decided.
+func (s *server) admit(w *worker, datagram []byte, peer netip.AddrPort) bool {
+	w.counts.requests.Add(1)
+	if !s.allowed(w, peer) {
+		return false
+	}
+	if len(datagram) > maxRequestSize {
+		s.malformed(w, datagram[:maxRequestSize], peer, "bad req too long")
+		return false
+	}
+	return true
+}
+
+// answer counts and logs the decision v (or err, for a malformed request)
+// of datagram from peer, and returns the reply to send, or nil for none.
+// The reply is w's buffer.
+func (s *server) answer(w *worker, datagram []byte, peer netip.AddrPort, v Verdict, err error) []byte {
 	if err != nil {
 		s.malformed(w, datagram, peer, err.Error())
 		return nil
