@@ -427,7 +427,7 @@ func (g *Greylister) finishRemote(r *remoteRequest) (Verdict, uint32, bool) {
 // decideRemote decides one request in the shared store, as the local
 // decision does; see prepareRemote and finishRemote.
 func (g *Greylister) decideRemote(kb *keyBuilder, c Client, s Sender, rcpts [][]byte, malformed bool, now uint32) (Verdict, uint32, bool) {
-	reqs := make([]remoteRequest, 1) // a round trip costs far more
+	reqs := make([]remoteRequest, 1) // an allocation; the round trip costs far more
 	g.prepareRemote(kb, &reqs[0], c, s, rcpts, malformed, now)
 	g.remote.decide(reqs, g.Policy())
 	return g.finishRemote(&reqs[0])

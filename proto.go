@@ -74,7 +74,7 @@ func nextRecipient(fields []byte) (rcpt, rest []byte, ok bool, err error) {
 // daemon. kb is the caller's scratch space.
 func (g *Greylister) decideQmail(kb *keyBuilder, datagram []byte) (Verdict, error) {
 	if g.remote != nil {
-		reqs := make([]remoteRequest, 1) // a round trip costs far more
+		reqs := make([]remoteRequest, 1) // an allocation; the round trip costs far more
 		if v, pending, err := g.prepareQmailRemote(kb, &reqs[0], datagram); !pending {
 			return v, err
 		}
