@@ -47,10 +47,14 @@ func startChild(t *testing.T, args ...string) *childDaemon {
 }
 
 // startChildCmd starts cmd, which must run the test binary, as a child
-// daemon with args, and waits until it listens.
+// daemon with args (in cmd's environment, or this process's if it has
+// none), and waits until it listens.
 func startChildCmd(t *testing.T, cmd *exec.Cmd, args ...string) *childDaemon {
 	t.Helper()
-	cmd.Env = append(os.Environ(), childDaemonEnv+"="+strings.Join(args, "\n"))
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	cmd.Env = append(cmd.Env, childDaemonEnv+"="+strings.Join(args, "\n"))
 	if cmd.Stdout == nil {
 		cmd.Stdout = io.Discard
 	}

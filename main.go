@@ -108,5 +108,6 @@ func run(args []string, stdout, stderr io.Writer, signals <-chan os.Signal) erro
 	d := newDaemon(func() (*Settings, error) { return parseCommandLine(args) }, stdout, stderr)
 	d.signals = signals
 	d.notify = systemdNotify
+	d.ownsProcess = true
 	return d.run(context.Background())
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -394,5 +395,36 @@ func TestRedisDecidesAsLocally(t *testing.T) {
 	}
 	if store.fallbacks.Load() != 0 || store.failures.Load() != 0 {
 		t.Errorf("%d fallbacks, %d failures", store.fallbacks.Load(), store.failures.Load())
+	}
+}
+
+// TestRedisRunsOnOneProcessor starts the daemon as its own process in
+// Redis mode: it runs Go on one processor and says so, unless the
+// GOMAXPROCS variable chooses.
+func TestRedisRunsOnOneProcessor(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	conf := filepath.Join(t.TempDir(), "greydaemon.toml")
+	if err := os.WriteFile(conf, fmt.Appendf(nil, "redis_url = \"redis://127.0.0.1:%d/0\"\n", port), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const line = "redis: running Go on one processor"
+	for _, env := range []string{"", "2"} {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = os.Environ()
+		if env != "" {
+			cmd.Env = append(cmd.Env, "GOMAXPROCS="+env)
+		} else {
+			cmd.Env = slices.DeleteFunc(cmd.Env, func(v string) bool { return strings.HasPrefix(v, "GOMAXPROCS=") })
+		}
+		c := startChildCmd(t, cmd, "-c", conf, "127.0.0.1:0", filepath.Join(t.TempDir(), "state"))
+		conn := dial(t, c.addr)
+		if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+			t.Errorf("GOMAXPROCS=%q: reply %x, want 0001", env, got)
+		}
+		if logged := strings.Contains(c.log.String(), line); logged != (env == "") {
+			t.Errorf("GOMAXPROCS=%q: logged %q: %v\n%s", env, line, logged, c.log.String())
+		}
+		c.cmd.Process.Signal(syscall.SIGTERM)
+		c.cmd.Wait()
 	}
 }

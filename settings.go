@@ -292,3 +292,6 @@ func listenAddress(s string) (string, error) {
 	}
 	return net.JoinHostPort(host, port), nil
 }
+
+// usesRedis reports whether decisions go to Redis.
+func (s *Settings) usesRedis() bool { return s.RedisURL != "" || len(s.RedisSentinels) > 0 }
