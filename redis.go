@@ -283,7 +283,7 @@ func importRedisCommand(args []string, stdout io.Writer, now func() time.Time) e
 	if err != nil {
 		return err
 	}
-	if set.RedisURL == "" && len(set.RedisSentinels) == 0 {
+	if !set.usesRedis() {
 		return fmt.Errorf("import-redis: no redis_url or redis_sentinels in the settings")
 	}
 	data, err := readStateFile(path)
