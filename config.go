@@ -40,6 +40,7 @@ type Config struct {
 	// Postfix policy delegation (policy.go).
 	PolicyListen         string   `toml:"policy_listen"`          // host:port or unix:/path; empty: off
 	PolicySocketMode     string   `toml:"policy_socket_mode"`     // octal mode of a unix socket
+	PolicyGroup          string   `toml:"policy_socket_group"`    // group of a unix socket (postfix's); empty: the daemon's
 	PolicyDeferText      string   `toml:"policy_defer_text"`      // after DEFER_IF_PERMIT; %s: seconds left, %r: recipient domain
 	PolicyPrependHeader  bool     `toml:"policy_prepend_header"`  // X-Greylist header on mail that passed after a retry
 	PolicyMaxConnections int      `toml:"policy_max_connections"` // connections served at once

@@ -137,7 +137,13 @@ func (d *daemon) open(set *Settings) error {
 	if err := checkStateDir(set.StateFile); err != nil {
 		return fmt.Errorf("%s: %w", set.Source.describe("state_file"), err)
 	}
-	lock, err := lockStateFile(set.StateFile)
+	// Before privileges are dropped, files in directories the -u user
+	// may write are created as that user (see asuser.go).
+	owner, err := fileOwnerFor(set.User)
+	if err != nil {
+		return fmt.Errorf("%s: %w", set.Source.describe("user"), err)
+	}
+	lock, err := lockStateFile(set.StateFile, owner)
 	if err != nil {
 		return err
 	}
@@ -169,8 +175,8 @@ func (d *daemon) open(set *Settings) error {
 		if l := passed.takeUnix(path); isUnix && l != nil {
 			ln = l
 			d.log.Infof("policy_listen: using the socket %s passed by the service manager", path)
-		} else if ln, unixPath, err = listenPolicy(set.PolicyListen, set.PolicyMode); err != nil {
-			return fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
+		} else if ln, unixPath, err = d.listenPolicy(set, owner); err != nil {
+			return err
 		}
 		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections),
 			idle: set.PolicyIdleTimeout.Duration}
@@ -182,8 +188,8 @@ func (d *daemon) open(set *Settings) error {
 		ln, path := passed.takeUnix(set.GreylistdListen), ""
 		if ln != nil {
 			d.log.Infof("greylistd_listen: using the socket %s passed by the service manager", set.GreylistdListen)
-		} else if ln, err = listenUnix(set.GreylistdListen, set.ListMode, "greylistd requests"); err != nil {
-			return fmt.Errorf("%s: %w", set.Source.describe("greylistd_listen"), err)
+		} else if ln, err = d.listenGreylistd(set, owner); err != nil {
+			return err
 		} else {
 			path = set.GreylistdListen
 		}
@@ -202,9 +208,6 @@ func (d *daemon) open(set *Settings) error {
 	}
 	d.warnIfOpen(set)
 
-	if err := d.giveSockets(set); err != nil {
-		return err
-	}
 	if set.User != "" {
 		if err := dropPrivileges(set.User); err != nil {
 			return err
@@ -260,31 +263,45 @@ func (d *daemon) open(set *Settings) error {
 // one Exim process waiting for one answer.
 const listMaxConnections = 1024
 
-// giveSockets sets the owners of the unix sockets' files: the -u user and
-// its group when the daemon runs as root, and then, for the greylistd
-// socket, greylistd_socket_group if set, so that the mail server's user
-// (Debian-exim) can connect as a member of the socket's group.
-func (d *daemon) giveSockets(set *Settings) error {
-	listPath := ""
-	if d.list != nil {
-		listPath = d.list.path // "" for a passed socket
+// listenPolicy binds policy_listen: a TCP address, or a unix socket made
+// by owner with policy_socket_mode and policy_socket_group.
+func (d *daemon) listenPolicy(set *Settings, owner *fileOwner) (net.Listener, string, error) {
+	gid, err := socketGroup(set, "policy_socket_group", set.PolicyGroup)
+	if err != nil {
+		return nil, "", err
 	}
-	if set.User != "" && os.Geteuid() == 0 {
-		for _, path := range []string{d.policyPath(), listPath} {
-			if path == "" {
-				continue
-			}
-			if err := chownToUser(path, set.User); err != nil {
-				return err
-			}
-		}
+	ln, path, err := listenPolicy(set.PolicyListen, set.PolicyMode, owner, gid)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
 	}
-	if listPath != "" && set.GreylistdGroup != "" {
-		if err := chgrpTo(listPath, set.GreylistdGroup); err != nil {
-			return fmt.Errorf("%s: %w", set.Source.describe("greylistd_socket_group"), err)
-		}
+	return ln, path, nil
+}
+
+// listenGreylistd binds greylistd_listen, a unix socket made by owner
+// with greylistd_socket_mode and greylistd_socket_group.
+func (d *daemon) listenGreylistd(set *Settings, owner *fileOwner) (*net.UnixListener, error) {
+	gid, err := socketGroup(set, "greylistd_socket_group", set.GreylistdGroup)
+	if err != nil {
+		return nil, err
 	}
-	return nil
+	ln, err := listenUnix(set.GreylistdListen, set.ListMode, owner, gid, "greylistd requests")
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", set.Source.describe("greylistd_listen"), err)
+	}
+	return ln, nil
+}
+
+// socketGroup returns the ID of the group named by the setting key, or -1
+// when it is empty.
+func socketGroup(set *Settings, key, name string) (int, error) {
+	if name == "" {
+		return -1, nil
+	}
+	gid, err := groupID(name)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", set.Source.describe(key), err)
+	}
+	return gid, nil
 }
 
 // policyPath returns the policy server's socket file, or "" for none.
@@ -316,15 +333,15 @@ func (d *daemon) saveForRequest() error {
 // daemon: a failure on one is reported on the other, and its lines are
 // counted as lost.
 func (d *daemon) openLogs(debug bool) {
-	d.outSink = &lossySink{w: d.stdout, name: "stdout"}
-	d.errSink = &lossySink{w: d.stderr, name: "stderr"}
+	d.outSink = newLossySink(d.stdout, "stdout")
+	d.errSink = newLossySink(d.stderr, "stderr")
 	d.log = newLogger(d.errSink, debug)
 	d.outSink.report = func(s *lossySink, err error) {
 		d.log.Errorf("cannot write the decision log to stdout: %v; its lines are dropped and counted (%d so far), and greydaemon keeps serving",
 			err, s.lost.Load())
 	}
 	d.errSink.report = func(s *lossySink, err error) {
-		fmt.Fprintf(d.stdout, "greydaemon: error: cannot write to stderr: %v; the daemon's messages are dropped and counted (%d so far), and greydaemon keeps serving\n",
+		fmt.Fprintf(d.outSink, "greydaemon: error: cannot write to stderr: %v; the daemon's messages are dropped and counted (%d so far), and greydaemon keeps serving\n",
 			err, s.lost.Load())
 	}
 }
@@ -404,6 +421,10 @@ func (d *daemon) closeOpened() {
 	if d.lock != nil {
 		d.lock.Close()
 	}
+	if d.outSink != nil {
+		d.outSink.flush(logFlushTimeout)
+		d.errSink.flush(logFlushTimeout)
+	}
 }
 
 // serve runs the front ends and the background work, handles signals until
@@ -426,7 +447,6 @@ func (d *daemon) serve(ctx context.Context) error {
 				deleted, known, grey, d.table.evicted.Load())
 		})
 	})
-	background.Go(func() { d.dlog.flushEvery(bg, time.Second) })
 
 	addrs := map[string]net.Addr{}
 	for _, fe := range d.frontEnds {
@@ -508,6 +528,7 @@ func (d *daemon) shutdown(frontEnds *sync.WaitGroup, stopBackground func(), back
 	}
 	d.log.Infof("stopped: %d requests, %d malformed, %d refused, %d replies%s",
 		q.Requests, q.Malformed, q.Refused, q.Replies, lost)
+	d.errSink.flush(logFlushTimeout)
 	d.lock.Close()
 	if saveErr != nil {
 		return fmt.Errorf("the final save failed; changes since the last good save are lost: %w", saveErr)
@@ -585,6 +606,7 @@ func (d *daemon) reload() (err error) {
 		{"redis_fallback", old.RedisFallback, set.RedisFallback, func() { set.RedisFallback = old.RedisFallback }},
 		{"greylistd_listen", old.GreylistdListen, set.GreylistdListen, func() { set.GreylistdListen = old.GreylistdListen }},
 		{"greylistd_socket_group", old.GreylistdGroup, set.GreylistdGroup, func() { set.GreylistdGroup = old.GreylistdGroup }},
+		{"policy_socket_group", old.PolicyGroup, set.PolicyGroup, func() { set.PolicyGroup = old.PolicyGroup }},
 		{"greylistd_socket_mode", old.GreylistdSocketMode, set.GreylistdSocketMode, func() {
 			set.GreylistdSocketMode, set.ListMode = old.GreylistdSocketMode, old.ListMode
 		}},

@@ -73,7 +73,7 @@ func (s *listServer) Serve() error {
 	}, func(net.Conn) {
 		id := s.nextID.Add(1)
 		s.stripes[id%uint64(len(s.stripes))].refused.Add(1)
-		if s.dlog.allowBad(int(id), s.book.g.now()) {
+		if s.dlog.allowBad(s.book.g.now()) {
 			s.log.Warnf("greylistd: %d connections open, the most allowed; closing a new one", s.conns.max)
 		}
 	})
@@ -103,7 +103,7 @@ func (s *listServer) serveConn(c net.Conn, counts *listCounts, id int) {
 	lc.reply = s.book.answer(lc.reply[:0], &lc.req, perr)
 	if len(lc.reply) > 6 && string(lc.reply[:7]) == "error: " {
 		counts.malformed.Add(1)
-		if s.dlog.allowBad(id, s.book.g.now()) {
+		if s.dlog.allowBad(s.book.g.now()) {
 			s.logRequest(lc, id)
 		}
 	} else {
@@ -149,7 +149,7 @@ func (s *listServer) logRequest(lc *listConn, id int) {
 		b = appendEscaped(b, d, 512)
 	}
 	lc.logb = append(b, '\n')
-	s.dlog.write(id, lc.logb)
+	s.dlog.write(lc.logb)
 }
 
 // Close stops accepting and makes every open connection stop reading.

@@ -91,6 +91,8 @@ func startTestDaemon(t testing.TB, load func() (*Settings, error), now func() ti
 	select {
 	case td.addrs = <-ready:
 		td.addr = td.addrs["qmail"].(*net.UDPAddr)
+		td.out.sink.Store(td.daemon.outSink)
+		td.errOut.sink.Store(td.daemon.errSink)
 	case err := <-td.done:
 		cancel()
 		t.Fatalf("daemon did not start: %v\n%s", err, td.errOut.String())

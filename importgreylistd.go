@@ -41,7 +41,7 @@ func importGreylistdCommand(args []string, w io.Writer, now func() time.Time) er
 	if err != nil {
 		return err
 	}
-	lock, err := lockStateFile(set.StateFile)
+	lock, err := lockStateFile(set.StateFile, nil)
 	if err != nil {
 		return err
 	}

@@ -247,31 +247,88 @@ func closeAll(conns []*net.UDPConn) {
 	}
 }
 
-// listenUnix binds a unix stream socket at path with the given mode, for
-// purpose (which error messages name). A socket file left by an earlier run
-// is replaced when nothing listens on it; anything else at path is an error.
-// Closing the listener leaves the file: the server removes it once its
-// connections are done.
-func listenUnix(path string, mode os.FileMode, purpose string) (*net.UnixListener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("cannot listen on %q for %s: it exists and is not a socket", path, purpose)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("cannot listen on %q for %s: another process is listening on it", path, purpose)
-		}
-		os.Remove(path) // left by an earlier run
+// listenUnix binds a unix stream socket at path, for purpose (which error
+// messages name). The socket file is created with its mode, owner and
+// group from the start (see asOwner): as owner (nil: as the process) and
+// with the group gid unless it is -1. A socket file left by an earlier run
+// is replaced when nothing listens on it; anything else at path is an
+// error. Closing the listener leaves the file: the server removes it once
+// its connections are done.
+func listenUnix(path string, mode os.FileMode, owner *fileOwner, gid int, purpose string) (*net.UnixListener, error) {
+	if owner != nil && gid >= 0 {
+		owner = owner.withGroup(gid)
 	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	var ln *net.UnixListener
+	err := asOwner(owner, int(0o777&^mode.Perm()), func() error {
+		if err := removeStaleSocket(path); err != nil {
+			return err
+		}
+		var err error
+		if ln, err = bindUnix(path); err != nil {
+			return err
+		}
+		if owner == nil && gid >= 0 {
+			// Not root: the group of a file of our own, never through
+			// a symlink.
+			if err := unix.Fchownat(unix.AT_FDCWD, path, -1, gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+				ln.Close()
+				os.Remove(path)
+				return fmt.Errorf("cannot give it to group %d (greydaemon must run as root or as a member of the group): %w", gid, err)
+			}
+		}
+		return nil
+	})
 	if err != nil {
-		return nil, fmt.Errorf("cannot listen on %q for %s: %w", path, purpose, err)
+		as := ""
+		if owner != nil {
+			as = fmt.Sprintf(" (it is created as user %q, who must be able to write its directory)", owner.name)
+		}
+		return nil, fmt.Errorf("cannot listen on %q for %s%s: %w", path, purpose, as, err)
 	}
-	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
+	return ln, nil
+}
+
+// removeStaleSocket removes a socket file at path that nothing listens on.
+// Anything else at path is an error.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return nil
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return errors.New("it exists and is not a socket")
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return errors.New("another process is listening on it")
+	}
+	os.Remove(path) // left by an earlier run
+	return nil
+}
+
+// bindUnix creates a listening unix stream socket at path on the calling
+// thread (whose credentials and mask then give the file its owner, group
+// and mode).
+func bindUnix(path string) (*net.UnixListener, error) {
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close() // FileListener holds a duplicate
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		return nil, err
+	}
+	if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
 		os.Remove(path)
-		return nil, fmt.Errorf("cannot set the mode of %q: %w", path, err)
+		return nil, err
 	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		os.Remove(path)
+		return nil, err
+	}
+	ln := l.(*net.UnixListener)
+	ln.SetUnlinkOnClose(false)
 	return ln, nil
 }

@@ -2,7 +2,7 @@ package main
 
 import (
 	"bytes"
-	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -18,20 +18,16 @@ import (
 //
 //	<peer-ip>:<peer-port> <event> <request with NULs as spaces>
 //
-// Lines are buffered and flushed at least once a second and at shutdown,
-// so logging costs a short critical section per request, not a write
-// system call. The buffer is split in logShards parts, each with its own
-// lock, and each reader or connection writes to one of them, so that many
-// connections do not queue on one lock; lines stay whole, and one
-// connection's lines stay in order. Lines for malformed requests are
-// rate-limited, since anybody can send garbage. A decisionLog is safe for
-// concurrent use. It writes to a lossySink, so a stdout that cannot be
-// written never stops it.
+// Each line goes into one queue (a lossySink) in the order the decisions
+// were made, and a writer goroutine writes it out at once: a request costs
+// a short critical section, not a write system call, and a log reader that
+// stops reading costs dropped lines, never a delayed answer. Lines for
+// malformed requests are rate-limited, since anybody can send garbage. A
+// decisionLog is safe for concurrent use.
 type decisionLog struct {
-	mu     sync.Mutex // the writer and the malformed-line limit
-	w      io.Writer
-	shards [logShards]logShard
+	sink *lossySink
 
+	mu sync.Mutex // the malformed-line limit
 	// Malformed-request lines: at most badPerSecond per second.
 	badSecond     int64
 	badThisSecond int
@@ -39,28 +35,16 @@ type decisionLog struct {
 	badDropped    uint64 // since start
 }
 
-// logShards is how many parts a decisionLog's buffer has.
-const logShards = 16
-
-// A logShard is one part of a decisionLog's buffer.
-type logShard struct {
-	mu  sync.Mutex
-	buf []byte
-	_   [40]byte // keeps two shards' locks off one cache line
-}
-
 const badPerSecond = 5
 
-// logShardSize is each shard's buffer: lines are written out when it is
-// full, or by the once-a-second flush.
-const logShardSize = 16 << 10
-
+// newDecisionLog returns a decisionLog writing to w, through w itself if
+// it is a lossySink, else through a new one.
 func newDecisionLog(w io.Writer) *decisionLog {
-	l := &decisionLog{w: w}
-	for i := range l.shards {
-		l.shards[i].buf = make([]byte, 0, logShardSize)
+	sink, ok := w.(*lossySink)
+	if !ok {
+		sink = newLossySink(w, "stdout")
 	}
-	return l
+	return &decisionLog{sink: sink}
 }
 
 // maxLoggedRequest is how much of a request a log line shows. Ordinary
@@ -142,35 +126,13 @@ func appendHexEscape(dst []byte, c byte) []byte {
 	return append(dst, '\\', 'x', hex[c>>4], hex[c&15])
 }
 
-// write writes one complete line through shard (any number; each writer
-// keeps to one).
-func (l *decisionLog) write(shard int, line []byte) {
-	s := &l.shards[uint(shard)%logShards]
-	s.mu.Lock()
-	if len(s.buf)+len(line) > cap(s.buf) {
-		l.writeOut(s.buf)
-		s.buf = s.buf[:0]
-	}
-	if len(line) > cap(s.buf) {
-		l.writeOut(line) // a line larger than a buffer: cannot happen with bounded lines
-	} else {
-		s.buf = append(s.buf, line...)
-	}
-	s.mu.Unlock()
-}
-
-// writeOut writes whole lines to the writer.
-func (l *decisionLog) writeOut(b []byte) {
-	l.mu.Lock()
-	l.w.Write(b)
-	l.mu.Unlock()
-}
+// write writes one complete line.
+func (l *decisionLog) write(line []byte) { l.sink.Write(line) }
 
 // allowBad reports whether a line for a malformed request received at now
-// may be logged, through shard. When a new second starts after lines were
-// suppressed, it first writes a line saying how many, through the same
-// shard, so that it follows the lines it counts.
-func (l *decisionLog) allowBad(shard int, now time.Time) bool {
+// may be logged. When a new second starts after lines were suppressed, it
+// first writes a line saying how many.
+func (l *decisionLog) allowBad(now time.Time) bool {
 	sec := now.Unix()
 	l.mu.Lock()
 	var suppressed uint64
@@ -190,7 +152,7 @@ func (l *decisionLog) allowBad(shard int, now time.Time) bool {
 		var line [64]byte
 		b := append(line[:0], "greydaemon: "...)
 		b = strconv.AppendUint(b, suppressed, 10)
-		l.write(shard, append(b, " bad requests not logged\n"...))
+		l.write(append(b, " bad requests not logged\n"...))
 	}
 	return ok
 }
@@ -203,32 +165,9 @@ func (l *decisionLog) dropped() uint64 {
 	return l.badDropped
 }
 
-// flush writes out buffered lines.
-func (l *decisionLog) flush() {
-	for i := range l.shards {
-		s := &l.shards[i]
-		s.mu.Lock()
-		if len(s.buf) > 0 {
-			l.writeOut(s.buf)
-			s.buf = s.buf[:0]
-		}
-		s.mu.Unlock()
-	}
-}
-
-// flushEvery flushes the log every interval until ctx is done.
-func (l *decisionLog) flushEvery(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			l.flush()
-		}
-	}
-}
+// flush waits, at most logFlushTimeout, until the lines written so far
+// are out.
+func (l *decisionLog) flush() { l.sink.flush(logFlushTimeout) }
 
 // rarely adds n to an error counter and reports whether the error should
 // be logged: the first time, and then once per thousand, so that a
@@ -240,31 +179,132 @@ func rarely(counter *atomic.Uint64, n int) bool {
 }
 
 // A lossySink writes to a stream that may stop working (a closed pipe, a
-// full disk, a log reader that went away) without ever failing its caller:
-// what cannot be written is dropped and counted by lines, the first failure
-// and every thousandth after it are reported through report, and the
-// daemon keeps serving. A lossySink is safe for concurrent use when its
-// writer is.
+// full disk, a log reader that went away or stopped reading) without ever
+// failing or delaying its caller. Write queues whole lines; a goroutine of
+// the sink's own writes them out as soon as it can, many at once when they
+// come fast. What cannot be written, and what does not fit in the queue
+// (lossyQueueLimit bytes) while the stream is stuck, is dropped and counted
+// by lines; the first loss and every thousandth after it are reported
+// through report, and the daemon keeps serving. A lossySink is safe for
+// concurrent use.
 type lossySink struct {
 	w        io.Writer
 	name     string        // "stdout" or "stderr", for reports and metrics
 	lost     atomic.Uint64 // lines that could not be written
-	failures atomic.Uint64 // failed writes
-	// report, if set, is told of a failure; it must not write to this
-	// sink.
+	failures atomic.Uint64 // failed writes and overflows
+	// report, if set, is told of a loss; it must not write to this sink.
 	report func(s *lossySink, err error)
+
+	mu      sync.Mutex
+	pending []byte        // lines waiting for the writer
+	spare   []byte        // the buffer the writer last wrote, for reuse
+	writing bool          // the writer holds lines it has not written
+	wake    chan struct{} // tells the writer that lines wait
+	written chan struct{} // closed after the next write, when a flush waits
 }
 
-// Write writes p and always reports success.
+// lossyQueueLimit is how many bytes of lines wait for a stream that is not
+// read (about 10,000 ordinary decision lines) before new ones are dropped.
+const lossyQueueLimit = 1 << 20
+
+// logFlushTimeout is how long a flush, as at shutdown, waits for a stream
+// to take what is queued: a stuck log reader delays the exit this long at
+// most.
+const logFlushTimeout = 2 * time.Second
+
+// errQueueFull is what a report says when lines were dropped because the
+// stream did not take them.
+var errQueueFull = errors.New("the reader is not reading; the queue of lines is full")
+
+// newLossySink returns a lossySink writing to w, with its writer running.
+func newLossySink(w io.Writer, name string) *lossySink {
+	s := &lossySink{w: w, name: name, wake: make(chan struct{}, 1)}
+	go s.writeLoop()
+	return s
+}
+
+// Write queues p, which holds whole lines, and always reports success.
 func (s *lossySink) Write(p []byte) (int, error) {
-	n, err := s.w.Write(p)
-	if err != nil {
-		s.lost.Add(uint64(max(bytes.Count(p[n:], []byte{'\n'}), 1)))
-		if rarely(&s.failures, 1) && s.report != nil {
-			s.report(s, err)
-		}
+	s.mu.Lock()
+	if len(s.pending)+len(p) > lossyQueueLimit {
+		s.mu.Unlock()
+		s.drop(p, errQueueFull)
+		return len(p), nil
+	}
+	s.pending = append(s.pending, p...)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default: // the writer has been told already
 	}
 	return len(p), nil
+}
+
+// drop counts the lines of p as lost and reports it, rarely.
+func (s *lossySink) drop(p []byte, err error) {
+	s.lost.Add(uint64(max(bytes.Count(p, []byte{'\n'}), 1)))
+	if rarely(&s.failures, 1) && s.report != nil {
+		s.report(s, err)
+	}
+}
+
+// writeLoop writes what is queued whenever there is some. A write that
+// blocks holds up only this goroutine.
+func (s *lossySink) writeLoop() {
+	for range s.wake {
+		s.mu.Lock()
+		buf := s.pending
+		s.pending, s.writing = s.spare[:0], true
+		s.mu.Unlock()
+		if len(buf) > 0 {
+			if n, err := s.w.Write(buf); err != nil {
+				s.drop(buf[min(max(n, 0), len(buf)):], err)
+			}
+		}
+		s.mu.Lock()
+		s.spare, s.writing = buf[:0], false
+		if s.written != nil {
+			close(s.written)
+			s.written = nil
+		}
+		s.mu.Unlock()
+	}
+}
+
+// flush waits until everything queued before it was written (or dropped),
+// at most timeout. It returns false if the stream did not take it in time;
+// what is still queued then counts as lost.
+func (s *lossySink) flush(timeout time.Duration) bool {
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		s.mu.Lock()
+		if len(s.pending) == 0 && !s.writing {
+			s.mu.Unlock()
+			return true
+		}
+		if s.written == nil {
+			s.written = make(chan struct{})
+		}
+		written := s.written
+		s.mu.Unlock()
+		select {
+		case s.wake <- struct{}{}:
+		default:
+		}
+		select {
+		case <-written:
+		case <-timer.C:
+			s.mu.Lock()
+			stuck := s.pending
+			s.pending = nil
+			s.mu.Unlock()
+			if len(stuck) > 0 {
+				s.lost.Add(uint64(max(bytes.Count(stuck, []byte{'\n'}), 1)))
+			}
+			return false
+		}
+	}
 }
 
 // A logger writes the daemon's own messages (not decisions) to stderr as

@@ -168,9 +168,8 @@ type policyCounts struct {
 }
 
 // listenPolicy binds the policy listener: a TCP address, or a unix socket
-// with the given mode. A socket file left by an earlier run is replaced
-// when nothing listens on it.
-func listenPolicy(spec string, mode os.FileMode) (net.Listener, string, error) {
+// with the given mode, made by owner with the group gid (see listenUnix).
+func listenPolicy(spec string, mode os.FileMode, owner *fileOwner, gid int) (net.Listener, string, error) {
 	addr, err := policyAddress(spec)
 	if err != nil {
 		return nil, "", err
@@ -182,7 +181,7 @@ func listenPolicy(spec string, mode os.FileMode) (net.Listener, string, error) {
 		}
 		return ln, "", nil
 	}
-	ln, err := listenUnix(addr[1], mode, "policy requests")
+	ln, err := listenUnix(addr[1], mode, owner, gid, "policy requests")
 	if err != nil {
 		return nil, "", err
 	}
@@ -201,7 +200,7 @@ func (p *policyServer) Serve() error {
 	p.conns.serve(p.ln, p.unixPath, "policy", p.log, p.accept, func(c net.Conn) {
 		id := p.nextID.Add(1)
 		p.stripes[id%uint64(len(p.stripes))].refused.Add(1)
-		if p.dlog.allowBad(int(id), p.g.now()) {
+		if p.dlog.allowBad(p.g.now()) {
 			p.log.Warnf("policy: %d connections open, the most policy_max_connections allows; closing a new one from %s",
 				p.conns.max, c.RemoteAddr())
 		}
@@ -395,7 +394,7 @@ func (p *policyServer) decide(pc *policyConn, counts *policyCounts, peer string)
 	counts.verdicts[v.index()].Add(1)
 	if p.dlog != nil {
 		pc.logb = appendPolicyLogLine(pc.logb[:0], peer, v.Event(), client, sender, rcpt)
-		p.dlog.write(pc.id, pc.logb)
+		p.dlog.write(pc.logb)
 	}
 	replies := p.replies.Load()
 	out := append(pc.reply[:0], "action="...)
@@ -420,11 +419,11 @@ func (p *policyServer) decide(pc *policyConn, counts *policyCounts, peer string)
 // bad counts a malformed request or connection and logs it, rate-limited.
 func (p *policyServer) bad(pc *policyConn, counts *policyCounts, peer, what string) {
 	counts.malformed.Add(1)
-	if p.dlog != nil && p.dlog.allowBad(pc.id, p.g.now()) {
+	if p.dlog != nil && p.dlog.allowBad(p.g.now()) {
 		r := &pc.req
 		pc.logb = appendPolicyLogLine(pc.logb[:0], peer, "bad req "+what,
 			r.get(r.client, attrClient), r.get(r.sender, attrSender), r.get(r.rcpt, attrRecipient))
-		p.dlog.write(pc.id, pc.logb)
+		p.dlog.write(pc.logb)
 	}
 }
 

@@ -23,36 +23,6 @@ func userIDs(name string) (uid, gid int, err error) {
 	return uid, gid, nil
 }
 
-// chownToUser gives the file at path to the named user and its primary
-// group.
-func chownToUser(path, name string) error {
-	uid, gid, err := userIDs(name)
-	if err == nil {
-		err = os.Chown(path, uid, gid)
-	}
-	if err != nil {
-		return fmt.Errorf("cannot give %q to user %q: %w", path, name, err)
-	}
-	return nil
-}
-
-// chgrpTo gives the file at path to the named group. The daemon must run
-// as root or be a member of the group.
-func chgrpTo(path, group string) error {
-	g, err := user.LookupGroup(group)
-	if err != nil {
-		return fmt.Errorf("cannot find group %q: %w", group, err)
-	}
-	gid, err := strconv.Atoi(g.Gid)
-	if err != nil {
-		return fmt.Errorf("group %q: bad gid %q", group, g.Gid)
-	}
-	if err := os.Chown(path, -1, gid); err != nil {
-		return fmt.Errorf("cannot give %q to group %q (greydaemon must run as root or as a member of the group): %w", path, group, err)
-	}
-	return nil
-}
-
 // dropPrivileges switches the process to the named user: its uid, its
 // primary group, and no supplementary groups. Go applies each of these
 // calls to every thread of the process. It refuses a user with uid 0, since
@@ -64,6 +34,12 @@ func dropPrivileges(name string) error {
 	}
 	if uid == 0 {
 		return fmt.Errorf("cannot switch to user %q: it is root (uid 0); -u must name an unprivileged user", name)
+	}
+	if euid := os.Geteuid(); euid != 0 {
+		if euid == uid {
+			return nil // already that user, as under a service manager's User=
+		}
+		return fmt.Errorf("cannot switch to user %q: greydaemon already runs as uid %d, and only root can switch; remove user (-u) or start it as root", name, euid)
 	}
 	if err := syscall.Setgroups([]int{}); err != nil {
 		return fmt.Errorf("cannot drop supplementary groups: %w", err)

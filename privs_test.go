@@ -15,6 +15,7 @@ import (
 // has (a process that switched user cannot switch back).
 func TestMain(m *testing.M) {
 	runChildDaemonIfAsked()
+	runSwapperIfAsked()
 	if name := os.Getenv("GREYDAEMON_TEST_DROP_TO"); name != "" {
 		if err := dropPrivileges(name); err != nil {
 			fmt.Println("error:", err)

@@ -331,7 +331,7 @@ func (s *server) answer(w *worker, datagram []byte, peer netip.AddrPort, v Verdi
 	w.counts.verdicts[v.index()].Add(1)
 	if s.dlog != nil {
 		w.line = appendLogLine(w.line[:0], peer, v.Event(), datagram)
-		s.dlog.write(w.id, w.line)
+		s.dlog.write(w.line)
 	}
 	w.reply = appendReply(w.reply[:0], v)
 	return w.reply
@@ -351,8 +351,8 @@ func (s *server) allowed(w *worker, peer netip.AddrPort) bool {
 // malformed counts a malformed datagram and logs it, rate-limited.
 func (s *server) malformed(w *worker, datagram []byte, peer netip.AddrPort, event string) {
 	w.counts.malformed.Add(1)
-	if s.dlog != nil && s.dlog.allowBad(w.id, s.g.now()) {
+	if s.dlog != nil && s.dlog.allowBad(s.g.now()) {
 		w.line = appendLogLine(w.line[:0], peer, event, datagram)
-		s.dlog.write(w.id, w.line)
+		s.dlog.write(w.line)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -19,6 +20,10 @@ import (
 type syncBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
+	// sink, once set, is the daemon's queue in front of the buffer:
+	// String waits for what it holds, so that a test reads every line
+	// logged before it looked.
+	sink atomic.Pointer[lossySink]
 }
 
 func (s *syncBuffer) Write(p []byte) (int, error) {
@@ -28,6 +33,9 @@ func (s *syncBuffer) Write(p []byte) (int, error) {
 }
 
 func (s *syncBuffer) String() string {
+	if sink := s.sink.Load(); sink != nil {
+		sink.flush(logFlushTimeout)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
