@@ -82,11 +82,9 @@ func (s *listServer) Serve() error {
 
 // serveConn reads one request from c, answers it and returns.
 func (s *listServer) serveConn(c net.Conn, counts *listCounts, id int) {
-	deadline := time.Now().Add(listTimeout)
-	if !s.conns.setReadDeadline(c, deadline) {
+	if !s.conns.setDeadline(c, time.Now().Add(listTimeout)) {
 		return // stopping
 	}
-	c.SetWriteDeadline(deadline)
 	lc := s.scratch.Get().(*listConn)
 	defer s.scratch.Put(lc)
 	n, err := c.Read(lc.buf)

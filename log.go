@@ -207,6 +207,11 @@ type lossySink struct {
 // read (about 10,000 ordinary decision lines) before new ones are dropped.
 const lossyQueueLimit = 1 << 20
 
+// lossyBufferSize is the size of each of a lossySink's two buffers at
+// start, enough for the lines that arrive during one write, so that
+// serving does not allocate.
+const lossyBufferSize = 64 << 10
+
 // logFlushTimeout is how long a flush, as at shutdown, waits for a stream
 // to take what is queued: a stuck log reader delays the exit this long at
 // most.
@@ -218,7 +223,8 @@ var errQueueFull = errors.New("the reader is not reading; the queue of lines is 
 
 // newLossySink returns a lossySink writing to w, with its writer running.
 func newLossySink(w io.Writer, name string) *lossySink {
-	s := &lossySink{w: w, name: name, wake: make(chan struct{}, 1)}
+	s := &lossySink{w: w, name: name, wake: make(chan struct{}, 1),
+		pending: make([]byte, 0, lossyBufferSize), spare: make([]byte, 0, lossyBufferSize)}
 	go s.writeLoop()
 	return s
 }

@@ -27,6 +27,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 )
 
 func main() { os.Exit(runMain(os.Args[1:])) }
@@ -67,10 +68,27 @@ func exitCode(err error, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "greydaemon: error: %v\n%s", err, usageText)
 		return 2
 	}
-	if _, werr := fmt.Fprintf(stderr, "greydaemon: error: %v\n", err); werr != nil {
-		fmt.Fprintf(stdout, "greydaemon: error: %v\n", err) // stderr is gone: say it where it can be seen
+	msg := fmt.Sprintf("greydaemon: error: %v\n", err)
+	if werr := writeWithin(stderr, msg, logFlushTimeout); werr != nil {
+		writeWithin(stdout, msg, logFlushTimeout) // stderr is gone or stuck: say it where it can be seen
 	}
 	return 1
+}
+
+// writeWithin writes msg to w, giving up after timeout: a stream nobody
+// reads must not keep a daemon that has stopped from exiting.
+func writeWithin(w io.Writer, msg string, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := io.WriteString(w, msg)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(timeout):
+		return fmt.Errorf("not written within %v", timeout)
+	}
 }
 
 // run runs greydaemon with the command-line arguments args: a subcommand,

@@ -324,11 +324,13 @@ func (p *policyServer) serveConn(c net.Conn, counts *policyCounts, id int) {
 	idleUntil := time.Time{}
 	for {
 		// A deadline set once per idle period, not per line: setting one
-		// costs a timer update. Checked between requests only.
+		// costs a timer update. Checked between requests only. It covers
+		// writes too: a client that sends requests but never reads the
+		// replies is cut off like an idle one.
 		if pc.req.size > 0 {
 		} else if now := time.Now(); now.After(idleUntil.Add(-p.idle / 2)) {
 			idleUntil = now.Add(p.idle)
-			if !p.conns.setReadDeadline(c, idleUntil) {
+			if !p.conns.setDeadline(c, idleUntil) {
 				return // stopping
 			}
 		}
@@ -361,7 +363,9 @@ func (p *policyServer) serveConn(c net.Conn, counts *policyCounts, id int) {
 		}
 		pc.reply = p.decide(pc, counts, peer)
 		pc.req.reset()
-		bw.Write(pc.reply)
+		if _, err := bw.Write(pc.reply); err != nil {
+			return // a write timed out or failed: the client is not reading
+		}
 		if br.Buffered() == 0 { // the client waits: send; pipelined requests share a write
 			if err := bw.Flush(); err != nil {
 				return

@@ -143,14 +143,28 @@ func (s *redisStore) connect() {
 	}
 }
 
-// close stops the store.
+// close stops the store, waiting at most redisCloseTimeout: a Redis that
+// accepted a connection but never answers (stopped, or hung) must not
+// hold up the shutdown.
 func (s *redisStore) close() {
 	close(s.stop)
-	s.done.Wait()
-	if c := s.client.Load(); c != nil {
-		(*c).Close()
+	closed := make(chan struct{})
+	go func() {
+		s.done.Wait()
+		if c := s.client.Load(); c != nil {
+			(*c).Close()
+		}
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(redisCloseTimeout):
+		s.log.Warnf("redis: not closed within %v; leaving the connection to the exit", redisCloseTimeout)
 	}
 }
+
+// redisCloseTimeout bounds how long the shutdown waits to close Redis.
+const redisCloseTimeout = 2 * time.Second
 
 // setDown records a failure: Redis is not tried again for a second, and
 // the first failure after a success is logged.

@@ -11,8 +11,14 @@ import (
 
 // This file is what the stream front ends (Postfix's policy service,
 // policy.go, and greylistd's socket, greylistdserver.go) share: accepting
-// connections, a goroutine and a cap for them, and stopping so that every
-// connection finishes the request it is answering.
+// connections, a goroutine and a cap for them, deadlines, and stopping so
+// that every connection finishes the request it is answering, within
+// stopGrace whatever the peer does.
+
+// stopGrace is how long a connection may take, once its front end stops,
+// to take the answer it is being sent: a peer that does not read (its
+// receive buffer full) does not hold up the shutdown longer than this.
+const stopGrace = 2 * time.Second
 
 // A connSet runs a stream listener's connections: at most max at once,
 // each on a goroutine of its own, until close.
@@ -92,8 +98,20 @@ func (cs *connSet) isClosing() bool {
 	return cs.closing
 }
 
-// setReadDeadline sets c's read deadline, unless close was called (whose
-// deadline it must not undo), and reports whether it did.
+// setDeadline sets c's read and write deadlines, unless close was called
+// (whose deadlines it must not undo), and reports whether it did.
+func (cs *connSet) setDeadline(c net.Conn, t time.Time) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	if cs.closing {
+		return false
+	}
+	c.SetDeadline(t)
+	return true
+}
+
+// setReadDeadline sets c's read deadline, unless close was called, and
+// reports whether it did.
 func (cs *connSet) setReadDeadline(c net.Conn, t time.Time) bool {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
@@ -105,12 +123,15 @@ func (cs *connSet) setReadDeadline(c net.Conn, t time.Time) bool {
 }
 
 // close stops accepting on ln and makes every connection's reads fail at
-// once, so that each finishes what it is answering and returns.
+// once and its writes within stopGrace, so that each finishes what it is
+// answering and returns.
 func (cs *connSet) close(ln net.Listener) error {
 	cs.mu.Lock()
 	cs.closing = true
+	grace := time.Now().Add(stopGrace)
 	for c := range cs.conns {
 		c.SetReadDeadline(time.Unix(1, 0))
+		c.SetWriteDeadline(grace)
 	}
 	cs.mu.Unlock()
 	return ln.Close()
