@@ -72,9 +72,10 @@ type daemon struct {
 	g         *Greylister
 	dlog      *decisionLog
 	qmail     *server
-	policy    *policyServer // nil unless policy_listen is set
-	list      *listServer   // nil unless greylistd_listen is set
-	remote    *redisStore   // nil unless Redis is set
+	policy    *policyServer  // nil unless policy_listen is set
+	list      *listServer    // nil unless greylistd_listen is set
+	metrics   *metricsServer // nil unless metrics_listen is set
+	remote    *redisStore    // nil unless Redis is set
 	frontEnds []frontEnd
 
 	// saveRequests carries the greylistd save command's requests to the
@@ -204,6 +205,7 @@ func (d *daemon) open(set *Settings) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", set.Source.describe("metrics_listen"), err)
 		}
+		d.metrics = ms
 		d.frontEnds = append(d.frontEnds, ms)
 	}
 	d.warnIfOpen(set)
@@ -247,6 +249,9 @@ func (d *daemon) open(set *Settings) error {
 	d.dlog = newDecisionLog(d.outSink)
 	d.qmail.g, d.qmail.dlog = d.g, d.dlog
 	d.qmail.allow.Store(set.Allow)
+	if d.metrics != nil {
+		d.metrics.setAllow(set.Allow)
+	}
 	if d.policy != nil {
 		d.policy.g, d.policy.dlog = d.g, d.dlog
 		d.policy.allow.Store(set.Allow)
@@ -395,22 +400,37 @@ func (d *daemon) loadWhitelist(path string) (*IPRanges, error) {
 	return LoadWhitelist(path, func(msg string) { d.log.Warnf("%s", msg) })
 }
 
-// warnIfOpen warns when the qmail port answers anyone who can reach it.
+// warnIfOpen warns for each front end that answers anyone who can reach
+// it: one on a network address other than loopback, with no allow list.
 func (d *daemon) warnIfOpen(set *Settings) {
-	if msg := openWarning(d.qmail.Addr(), set.Allow); msg != "" {
-		d.log.Warnf("%s", msg)
+	for _, fe := range d.frontEnds {
+		if msg := openWarning(fe.Name(), fe.Addr(), set.Allow); msg != "" {
+			d.log.Warnf("%s", msg)
+		}
 	}
 }
 
-// openWarning returns the warning for a front end on addr with the allow
-// list allow, or "" when there is nothing to warn about: the list is set,
-// or only this host can reach the address.
-func openWarning(addr net.Addr, allow *IPRanges) string {
-	a, ok := addr.(*net.UDPAddr)
-	if allow != nil || !ok || a.IP.IsLoopback() {
+// openWarning returns the warning for the front end name on addr with the
+// allow list allow, or "" when there is nothing to warn about: the list is
+// set, or only this host can reach the address (loopback, a unix socket).
+func openWarning(name string, addr net.Addr, allow *IPRanges) string {
+	var ip net.IP
+	switch a := addr.(type) {
+	case *net.UDPAddr:
+		ip = a.IP
+	case *net.TCPAddr:
+		ip = a.IP
+	default:
 		return ""
 	}
-	return fmt.Sprintf("listening on %s with an empty allow list: anyone who can reach the port can query and fill the table; set allow = [...]", a)
+	if allow != nil || ip.IsLoopback() {
+		return ""
+	}
+	what := "query and fill the table"
+	if name == "metrics" {
+		what = "read the metrics"
+	}
+	return fmt.Sprintf("%s: listening on %s with an empty allow list: anyone who can reach the port can %s; set allow = [...]", name, addr, what)
 }
 
 // closeOpened releases what a failed open acquired.
@@ -619,6 +639,9 @@ func (d *daemon) reload() (err error) {
 	}
 	d.g.SetRules(set.Policy, wl)
 	d.qmail.allow.Store(set.Allow)
+	if d.metrics != nil {
+		d.metrics.setAllow(set.Allow)
+	}
 	if d.policy != nil {
 		d.policy.allow.Store(set.Allow)
 		d.policy.replies.Store(policyRepliesOf(set))

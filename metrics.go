@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"io"
+	"log"
 	"net/http"
 	"runtime"
 	"time"
@@ -21,12 +23,17 @@ import (
 // atomic counters, and a scrape gathers them with one UpdateStats call and
 // turns them into constant metrics.
 type metricsServer struct {
-	ln  net.Listener
+	ln  *guardedListener
 	srv *http.Server
 }
 
+// metricsMaxConnections caps the endpoint's open connections: a scraper
+// needs one, and nobody may use up the daemon's file descriptors.
+const metricsMaxConnections = 16
+
 // listenMetrics binds the metrics endpoint to hostport; a scrape calls
-// updateStats for the numbers.
+// updateStats for the numbers. Connections from outside the allow list, and
+// beyond metricsMaxConnections, are closed at once.
 func listenMetrics(hostport string, updateStats func(*Stats)) (*metricsServer, error) {
 	ln, err := net.Listen("tcp", hostport)
 	if err != nil {
@@ -47,13 +54,18 @@ func listenMetrics(hostport string, updateStats func(*Stats)) (*metricsServer, e
 		}
 		fmt.Fprintln(w, "greydaemon: metrics at /metrics")
 	})
-	return &metricsServer{ln: ln, srv: &http.Server{
+	return &metricsServer{ln: newGuardedListener(ln, metricsMaxConnections), srv: &http.Server{
 		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		IdleTimeout:       30 * time.Second,
+		ErrorLog:          log.New(io.Discard, "", 0),
 	}}, nil
 }
+
+// setAllow sets the networks whose scrapes are answered; nil: all.
+func (m *metricsServer) setAllow(allow *IPRanges) { m.ln.allow.Store(allow) }
 
 // Name returns "metrics".
 func (m *metricsServer) Name() string { return "metrics" }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -261,8 +262,10 @@ func TestMetricsAndAllowList(t *testing.T) {
 	exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second)
 	exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second)
 	exchange(t, conn, req("192.0.2.2", alice, bob, carol), 5*time.Second)
-	if got := exchange(t, conn, []byte("junk"), 200*time.Millisecond); got != nil {
-		t.Fatal("junk got a reply")
+	for range 2 {
+		if got := exchange(t, conn, []byte("junk"), 200*time.Millisecond); got != nil {
+			t.Fatal("junk got a reply")
+		}
 	}
 	// 127.0.0.2 is loopback but outside the allow list.
 	other, err := net.DialUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)}, td.addr)
@@ -280,12 +283,12 @@ func TestMetricsAndAllowList(t *testing.T) {
 
 	after := scrape(t, m)
 	for series, want := range map[string]float64{
-		`greydaemon_requests_total{frontend="qmail"}`:                                                   5,
+		`greydaemon_requests_total{frontend="qmail"}`:                                                   6,
 		`greydaemon_replies_total{frontend="qmail"}`:                                                    3,
 		`greydaemon_decisions_total{action="greylist",frontend="qmail",reason="new",reply="0001"}`:      2,
 		`greydaemon_decisions_total{action="greylist",frontend="qmail",reason="too_soon",reply="0002"}`: 1,
 		`greydaemon_decisions_total{action="accept",frontend="qmail",reason="known_ip",reply="0102"}`:   0,
-		`greydaemon_malformed_requests_total{frontend="qmail"}`:                                         1,
+		`greydaemon_malformed_requests_total{frontend="qmail"}`:                                         2,
 		`greydaemon_refused_requests_total{frontend="qmail"}`:                                           1,
 		`greydaemon_entries{table="grey"}`:                                                              3,
 		`greydaemon_entries{table="known_ip"}`:                                                          0,
@@ -305,27 +308,96 @@ func TestMetricsAndAllowList(t *testing.T) {
 	}
 }
 
-// TestOpenListenWarning checks when the daemon warns that its port
-// answers anyone.
+// TestOpenListenWarning checks when the daemon warns that a front end's
+// port answers anyone, for UDP and TCP front ends alike.
 func TestOpenListenWarning(t *testing.T) {
 	some := &IPRanges{}
 	for _, tt := range []struct {
-		addr  string
-		allow *IPRanges
-		warn  bool
+		name, addr string
+		allow      *IPRanges
+		want       string // "": no warning
 	}{
-		{"0.0.0.0:1999", nil, true},
-		{"192.0.2.1:1999", nil, true},
-		{"[::]:1999", nil, true},
-		{"0.0.0.0:1999", some, false},
-		{"127.0.0.1:1999", nil, false},
-		{"[::1]:1999", nil, false},
+		{"qmail", "0.0.0.0:1999", nil, "qmail: listening on 0.0.0.0:1999 with an empty allow list: anyone who can reach the port can query and fill the table"},
+		{"qmail", "192.0.2.1:1999", nil, "can query and fill the table"},
+		{"postfix", "tcp:[::]:10023", nil, "postfix: listening on [::]:10023 with an empty allow list: anyone who can reach the port can query and fill the table"},
+		{"metrics", "tcp:0.0.0.0:9119", nil, "metrics: listening on 0.0.0.0:9119 with an empty allow list: anyone who can reach the port can read the metrics"},
+		{"qmail", "0.0.0.0:1999", some, ""},
+		{"postfix", "tcp:192.0.2.1:10023", some, ""},
+		{"qmail", "127.0.0.1:1999", nil, ""},
+		{"metrics", "tcp:127.0.0.1:9119", nil, ""},
+		{"qmail", "[::1]:1999", nil, ""},
 	} {
-		addr, _ := net.ResolveUDPAddr("udp", tt.addr)
-		msg := openWarning(addr, tt.allow)
-		if (msg != "") != tt.warn || tt.warn && !strings.Contains(msg, "anyone who can reach the port can query and fill the table") {
-			t.Errorf("%s, allow %v: %q", tt.addr, tt.allow != nil, msg)
+		var addr net.Addr
+		if a, ok := strings.CutPrefix(tt.addr, "tcp:"); ok {
+			addr, _ = net.ResolveTCPAddr("tcp", a)
+		} else {
+			addr, _ = net.ResolveUDPAddr("udp", tt.addr)
 		}
+		msg := openWarning(tt.name, addr, tt.allow)
+		if tt.want == "" && msg != "" || !strings.Contains(msg, tt.want) {
+			t.Errorf("%s on %s, allow %v: %q, want %q", tt.name, tt.addr, tt.allow != nil, msg, tt.want)
+		}
+	}
+	if msg := openWarning("greylistd", &net.UnixAddr{Name: "/run/x.sock", Net: "unix"}, nil); msg != "" {
+		t.Errorf("unix socket: %q", msg)
+	}
+}
+
+// TestMetricsGuarded checks the metrics endpoint's guards: a connection
+// from outside allow is closed unanswered, at most 16 connections are open
+// at once (the 17th is closed at once, and a slot frees when one closes),
+// and paths other than /metrics and / get 404.
+func TestMetricsGuarded(t *testing.T) {
+	cfg := defaultConfig()
+	cfg.MetricsListen = "127.0.0.1:0"
+	cfg.Allow = []string{"127.0.0.1/32"}
+	td := startTestDaemon(t, settingsOf(t, cfg), newFakeClock().now, nil)
+	m := td.addrs["metrics"].(*net.TCPAddr)
+	closedAtOnce := func(c net.Conn) bool {
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		_, err := c.Read(make([]byte, 1))
+		return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)
+	}
+	stranger, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).Dial("tcp", m.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(stranger, "GET /metrics HTTP/1.0\r\n\r\n")
+	if !closedAtOnce(stranger) {
+		t.Errorf("a scrape from 127.0.0.2, outside allow, was not closed unanswered")
+	}
+	stranger.Close()
+
+	var idle []net.Conn
+	for range 16 {
+		c, err := net.Dial("tcp", m.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	time.Sleep(100 * time.Millisecond) // the server has accepted them
+	extra, err := net.Dial("tcp", m.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !closedAtOnce(extra) {
+		t.Errorf("a 17th connection was not closed at once")
+	}
+	extra.Close()
+	idle[0].Close()
+	time.Sleep(100 * time.Millisecond) // the server has seen it close
+	if text := scrape(t, m); !strings.Contains(text, "greydaemon_requests_total") {
+		t.Errorf("no metrics after a slot freed:\n%s", text)
+	}
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Get("http://" + m.String() + "/other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("/other: status %d, want 404", resp.StatusCode)
 	}
 }
 
