@@ -3,9 +3,9 @@ package main
 import (
 	"errors"
 	"fmt"
-	"net"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"runtime"
 	"time"
