@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"reflect"
 	"runtime"
 	"runtime/debug"
 	"strings"
@@ -179,8 +180,8 @@ func (d *daemon) open(set *Settings) error {
 		} else if ln, unixPath, err = d.listenPolicy(set, owner); err != nil {
 			return err
 		}
-		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections),
-			idle: set.PolicyIdleTimeout.Duration}
+		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections)}
+		d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
 		d.frontEnds = append(d.frontEnds, d.policy)
 	}
 	if set.GreylistdListen != "" {
@@ -480,6 +481,11 @@ func (d *daemon) serve(ctx context.Context) error {
 
 	ticker := time.NewTicker(d.set.SaveInterval.Duration)
 	defer ticker.Stop()
+	// The greylistd save command's requests wait in waiting for the next
+	// save they may ask for: saveRequestFloor after the last one.
+	var waiting []chan error
+	var floorTimer *time.Timer
+	var lastRequestedSave time.Time
 loop:
 	for {
 		select {
@@ -490,18 +496,21 @@ loop:
 		case <-d.saveNow:
 			d.save("request")
 		case reply := <-d.saveRequests:
-			err := d.save("greylistd save command")
-			reply <- err
-			// Requests that came meanwhile are answered by the same save:
-			// a crowd of clients cannot queue one save each.
-			for drained := false; !drained; {
-				select {
-				case r := <-d.saveRequests:
-					r <- err
-				default:
-					drained = true
-				}
+			waiting = append(waiting, reply)
+			if floorTimer == nil {
+				floorTimer = time.NewTimer(time.Until(lastRequestedSave.Add(saveRequestFloor)))
 			}
+		case <-floorC(floorTimer):
+			floorTimer = nil
+			// Every request that came since the last such save is
+			// answered by this one: a crowd of clients cannot queue one
+			// save each, nor make saves come oftener than the floor.
+			err := d.save("greylistd save command")
+			lastRequestedSave = time.Now()
+			for _, r := range waiting {
+				r <- err
+			}
+			waiting = waiting[:0]
 		case sig := <-d.signals:
 			switch sig {
 			case syscall.SIGHUP:
@@ -519,7 +528,23 @@ loop:
 		}
 	}
 	close(d.loopDone)
+	for _, r := range waiting {
+		r <- errors.New("greydaemon is stopping; its final save follows")
+	}
 	return d.shutdown(&frontEnds, stopBackground, &background)
+}
+
+// saveRequestFloor is the shortest time between two saves that the
+// greylistd save command asks for; requests that come sooner wait for the
+// next one, and share it.
+const saveRequestFloor = 5 * time.Second
+
+// floorC returns t's channel, or nil (which never delivers) for no timer.
+func floorC(t *time.Timer) <-chan time.Time {
+	if t == nil {
+		return nil
+	}
+	return t.C
 }
 
 // shutdown stops the daemon in one order: the front ends stop reading and
@@ -604,38 +629,8 @@ func (d *daemon) reload() (err error) {
 	if err != nil {
 		return err
 	}
-	old := d.set
-	for _, k := range []struct {
-		key        string
-		was, is    any
-		keepOldVal func()
-	}{
-		{"listen", old.Listen, set.Listen, func() { set.Listen, set.ListenAddr = old.Listen, old.ListenAddr }},
-		{"state_file", old.StateFile, set.StateFile, func() { set.StateFile = old.StateFile }},
-		{"user", old.User, set.User, func() { set.User = old.User }},
-		{"max_entries", old.MaxEntries, set.MaxEntries, func() { set.MaxEntries = old.MaxEntries }},
-		{"metrics_listen", old.MetricsListen, set.MetricsListen, func() { set.MetricsListen = old.MetricsListen }},
-		{"ipv4_prefix", old.IPv4Prefix, set.IPv4Prefix, func() { set.IPv4Prefix, set.Grouping = old.IPv4Prefix, old.Grouping }},
-		{"ipv6_prefix", old.IPv6Prefix, set.IPv6Prefix, func() { set.IPv6Prefix, set.Grouping = old.IPv6Prefix, old.Grouping }},
-		{"normalize_sender", old.NormalizeSender, set.NormalizeSender, func() { set.NormalizeSender = old.NormalizeSender }},
-		{"policy_listen", old.PolicyListen, set.PolicyListen, func() { set.PolicyListen = old.PolicyListen }},
-		{"policy_socket_mode", old.PolicySocketMode, set.PolicySocketMode, func() { set.PolicySocketMode, set.PolicyMode = old.PolicySocketMode, old.PolicyMode }},
-		{"redis_url", old.RedisURL, set.RedisURL, func() { set.RedisURL = old.RedisURL }},
-		{"redis_master", old.RedisMaster, set.RedisMaster, func() { set.RedisMaster = old.RedisMaster }},
-		{"redis_prefix", old.RedisPrefix, set.RedisPrefix, func() { set.RedisPrefix = old.RedisPrefix }},
-		{"redis_fallback", old.RedisFallback, set.RedisFallback, func() { set.RedisFallback = old.RedisFallback }},
-		{"greylistd_listen", old.GreylistdListen, set.GreylistdListen, func() { set.GreylistdListen = old.GreylistdListen }},
-		{"greylistd_socket_group", old.GreylistdGroup, set.GreylistdGroup, func() { set.GreylistdGroup = old.GreylistdGroup }},
-		{"policy_socket_group", old.PolicyGroup, set.PolicyGroup, func() { set.PolicyGroup = old.PolicyGroup }},
-		{"greylistd_socket_mode", old.GreylistdSocketMode, set.GreylistdSocketMode, func() {
-			set.GreylistdSocketMode, set.ListMode = old.GreylistdSocketMode, old.ListMode
-		}},
-		{"policy_max_connections", old.PolicyMaxConnections, set.PolicyMaxConnections, func() { set.PolicyMaxConnections = old.PolicyMaxConnections }},
-	} {
-		if k.was != k.is {
-			d.log.Warnf("reload: %s changed from %v to %v; it takes effect at the next start", k.key, k.was, k.is)
-			k.keepOldVal()
-		}
+	if set, err = d.keepRestartOnly(set); err != nil {
+		return err
 	}
 	d.g.SetRules(set.Policy, wl)
 	d.qmail.allow.Store(set.Allow)
@@ -645,6 +640,7 @@ func (d *daemon) reload() (err error) {
 	if d.policy != nil {
 		d.policy.allow.Store(set.Allow)
 		d.policy.replies.Store(policyRepliesOf(set))
+		d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
 	}
 	d.log.setDebug(set.Debug)
 	d.set = set
@@ -652,6 +648,50 @@ func (d *daemon) reload() (err error) {
 	d.log.Infof("reloaded settings%s: %d whitelist ranges, %d allowed networks, min delay %ds, resend window %ds, known-IP lifetime %ds",
 		fromFile(set), wl.Len(), set.Allow.Len(), set.Policy.MinResendDelay, set.Policy.ResendWindow, set.Policy.KnownIPLifetime)
 	return nil
+}
+
+// restartOnly lists the settings that only a restart applies: the sockets,
+// the state file, the user, the table's size and keys, and Redis's
+// connection. A reload that changes one keeps its running value and says
+// so. Every other key (reloadable) takes effect at the reload.
+var restartOnly = map[string]bool{
+	"listen": true, "state_file": true, "user": true, "max_entries": true, "metrics_listen": true,
+	"ipv4_prefix": true, "ipv6_prefix": true, "normalize_sender": true,
+	"policy_listen": true, "policy_socket_mode": true, "policy_socket_group": true, "policy_max_connections": true,
+	"greylistd_listen": true, "greylistd_socket_mode": true, "greylistd_socket_group": true,
+	"redis_url": true, "redis_sentinels": true, "redis_master": true, "redis_prefix": true,
+	"redis_timeout": true, "redis_fallback": true,
+}
+
+// reloadable lists the settings a reload applies.
+var reloadable = map[string]bool{
+	"whitelist": true, "save_interval": true, "known_ip_lifetime": true, "resend_window": true,
+	"min_resend_delay": true, "debug": true, "allow": true,
+	"policy_defer_text": true, "policy_prepend_header": true, "policy_idle_timeout": true,
+	"greylistd_retry_min": true, "greylistd_retry_max": true, "greylistd_expire": true,
+}
+
+// keepRestartOnly returns set with the running value of every restartOnly
+// setting it changes, warning for each that it takes effect at the next
+// start.
+func (d *daemon) keepRestartOnly(set *Settings) (*Settings, error) {
+	was, is := reflect.ValueOf(&d.set.Config).Elem(), reflect.ValueOf(&set.Config).Elem()
+	cfg := set.Config
+	kept := reflect.ValueOf(&cfg).Elem()
+	changed := false
+	for i := range was.NumField() {
+		key := was.Type().Field(i).Tag.Get("toml")
+		if !restartOnly[key] || reflect.DeepEqual(was.Field(i).Interface(), is.Field(i).Interface()) {
+			continue
+		}
+		d.log.Warnf("reload: %s changed from %v to %v; it takes effect at the next start", key, was.Field(i), is.Field(i))
+		kept.Field(i).Set(was.Field(i))
+		changed = true
+	}
+	if !changed {
+		return set, nil
+	}
+	return resolve(cfg, set.Source)
 }
 
 // policyRepliesOf returns the policy reply settings of set.

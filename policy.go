@@ -151,7 +151,7 @@ type policyServer struct {
 	dlog     *decisionLog
 	log      *logger
 	conns    *connSet
-	idle     time.Duration
+	idle     atomic.Int64 // policy_idle_timeout, in nanoseconds
 
 	allow   atomic.Pointer[IPRanges] // TCP peers answered; nil: all
 	replies atomic.Pointer[policyReplies]
@@ -328,8 +328,8 @@ func (p *policyServer) serveConn(c net.Conn, counts *policyCounts, id int) {
 		// writes too: a client that sends requests but never reads the
 		// replies is cut off like an idle one.
 		if pc.req.size > 0 {
-		} else if now := time.Now(); now.After(idleUntil.Add(-p.idle / 2)) {
-			idleUntil = now.Add(p.idle)
+		} else if now, idle := time.Now(), time.Duration(p.idle.Load()); now.After(idleUntil.Add(-idle / 2)) {
+			idleUntil = now.Add(idle)
 			if !p.conns.setDeadline(c, idleUntil) {
 				return // stopping
 			}

@@ -339,8 +339,8 @@ func FuzzPolicyConnection(f *testing.F) {
 	f.Add([]byte("request=smtpd_access_policy\r\nprotocol_state=DATA\r\nrecipient=\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, input []byte) {
 		g, _ := newTestGreylister(t, "")
-		p := &policyServer{g: g, log: newLogger(io.Discard, false), dlog: newDecisionLog(io.Discard),
-			idle: time.Minute, conns: newConnSet(1)}
+		p := &policyServer{g: g, log: newLogger(io.Discard, false), dlog: newDecisionLog(io.Discard), conns: newConnSet(1)}
+		p.idle.Store(int64(time.Minute))
 		text, _ := parseDeferText(defaultDeferText)
 		p.replies.Store(&policyReplies{deferText: text, prepend: true})
 		server, client := socketPair(t)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -498,5 +500,82 @@ func TestSocketActivation(t *testing.T) {
 	c.cmd.Process.Signal(syscall.SIGTERM)
 	if err := c.cmd.Wait(); err != nil {
 		t.Fatalf("exit: %v\n%s", err, c.log.String())
+	}
+}
+
+// TestEverySettingReloadsOrWarns walks every key of the config: each is
+// either applied by a reload or kept with a warning, never silently
+// ignored, and a key added later must be put in one of the two lists.
+func TestEverySettingReloadsOrWarns(t *testing.T) {
+	ty := reflect.TypeOf(Config{})
+	for i := range ty.NumField() {
+		key := ty.Field(i).Tag.Get("toml")
+		if restartOnly[key] == reloadable[key] {
+			t.Errorf("config key %q is in %d of restartOnly and reloadable; want exactly one", key, btoi(restartOnly[key])+btoi(reloadable[key]))
+		}
+	}
+	if n := len(restartOnly) + len(reloadable); n != ty.NumField() {
+		t.Errorf("the lists name %d keys, the config has %d", n, ty.NumField())
+	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// TestReloadAppliesAndWarns changes, by one SIGHUP, a setting of each kind
+// in the config file: policy_idle_timeout, policy_defer_text and allow
+// take effect (a new connection idle past the new timeout is closed; the
+// defer text is the new one; a source outside the new allow list gets no
+// answer), and redis_timeout and max_entries are named in a "next start"
+// warning.
+func TestReloadAppliesAndWarns(t *testing.T) {
+	dir := t.TempDir()
+	conf := writeConfig(t, dir, `policy_listen = "127.0.0.1:0"`)
+	reloaded := make(chan error, 1)
+	td := startTestDaemon(t, fromArgs("-c", conf), newFakeClock().now, func(d *daemon) {
+		d.onReload = func(err error) { reloaded <- err }
+	})
+	writeConfig(t, dir, `policy_listen = "127.0.0.1:0"`, `policy_idle_timeout = "1s"`,
+		`policy_defer_text = "Come back in %s seconds"`, `allow = ["127.0.0.2/32"]`,
+		`redis_timeout = "1s"`, `max_entries = 5000`)
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{"redis_timeout", "max_entries"} {
+		if !strings.Contains(td.errOut.String(), "reload: "+key+" changed from") {
+			t.Errorf("no warning for %s:\n%s", key, td.errOut.String())
+		}
+	}
+	for _, key := range []string{"policy_idle_timeout", "policy_defer_text", "allow"} {
+		if strings.Contains(td.errOut.String(), "reload: "+key) {
+			t.Errorf("%s was not applied:\n%s", key, td.errOut.String())
+		}
+	}
+	// allow: 127.0.0.1 is now outside; 127.0.0.2 is in.
+	if got := exchange(t, dial(t, td.addr), req("192.0.2.1", alice, bob), 300*time.Millisecond); got != nil {
+		t.Errorf("a source outside the reloaded allow list got %x", got)
+	}
+	pc, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}).Dial("tcp", td.addrs["postfix"].String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	fmt.Fprint(pc, policyRequestText("192.0.2.1", alice, bob))
+	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	reply, err := bufio.NewReader(pc).ReadString('\n')
+	if err != nil || !strings.Contains(reply, "Come back in ") {
+		t.Fatalf("reply %q, %v; want the reloaded defer text", reply, err)
+	}
+	// policy_idle_timeout: the connection is closed after a second idle.
+	start := time.Now()
+	pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	io.Copy(io.Discard, pc)
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("an idle connection stayed open %v with policy_idle_timeout 1s", took)
 	}
 }
