@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,12 +32,22 @@ import (
 // a bad field did. It returns the verdict's two bytes times 2^32 plus the
 // last triplet's age: one number, since a table costs Redis more to return.
 // It hands Redis the arguments' strings, not Lua numbers, for the same
-// reason (a number costs a conversion each time).
+// reason (a number costs a conversion each time). A key that holds
+// anything but a number (written by hand, or by something else sharing the
+// prefix; of another type even) counts as absent and is deleted or
+// overwritten: one bad value must not fail the requests of every client.
 const decideScript = `
+local function stamp(key)
+  local ok, v = pcall(redis.call, 'GET', key)
+  local n = ok and v and tonumber(v)
+  if ok and v and not n then redis.call('DEL', key) end
+  if not ok then redis.call('DEL', key) end
+  return n
+end
 local now = tonumber(ARGV[1])
-local last = redis.call('GET', KEYS[1])
+local last = stamp(KEYS[1])
 if last then
-  local a = now - tonumber(last)
+  local a = now - last
   if a < 0 then a = 0 end
   if a < tonumber(ARGV[2]) then
     redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -46,10 +57,10 @@ end
 local mindelay, window = tonumber(ARGV[3]), tonumber(ARGV[4])
 local v, age, retry = 259, 0, false
 for i = 2, #KEYS do
-  local first = redis.call('GET', KEYS[i])
+  local first = stamp(KEYS[i])
   local a = -1
   if first then
-    a = now - tonumber(first)
+    a = now - first
     if a < 0 then a = 0 end
   end
   if a < 0 or a >= window then
@@ -87,6 +98,7 @@ type redisStore struct {
 	down      atomic.Bool                    // for logging each change once
 
 	calls, failures, fallbacks atomic.Uint64
+	requestFailures            atomic.Uint64 // of single requests (see requestError)
 
 	stop chan struct{}
 	done sync.WaitGroup
@@ -253,11 +265,18 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 		s.calls.Add(1)
 		if err != nil || x < 0 {
 			s.failures.Add(1)
+			r.err = errRedisDown
 			if err == nil {
 				err = fmt.Errorf("the script answered %d", x)
 			}
+			if requestError(err) {
+				// This request's keys, not Redis: the others stand.
+				if rarely(&s.requestFailures, 1) {
+					s.log.Errorf("redis: one request failed (%v); it is decided by redis_fallback = %q, Redis stays in use", err, s.fallback)
+				}
+				continue
+			}
 			firstErr = cmp.Or(firstErr, err)
-			r.err = errRedisDown
 			continue
 		}
 		r.verdict, r.age, r.err = Verdict(x>>32), uint32(x), nil
@@ -267,6 +286,20 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 	} else if s.down.Swap(false) {
 		s.log.Infof("redis: answering again; deciding in Redis")
 	}
+}
+
+// requestError reports whether err, a call's failure, is the request's own
+// (Redis ran the script, and the script failed on this request's keys)
+// rather than Redis's: a timeout, a lost connection, or Redis loading,
+// busy, read-only or out of memory.
+func requestError(err error) bool {
+	e, ok := rueidis.IsRedisErr(err)
+	if !ok {
+		return false
+	}
+	msg := e.Error()
+	return strings.HasPrefix(msg, "WRONGTYPE") ||
+		strings.HasPrefix(msg, "ERR") && strings.Contains(msg, "script") && !strings.Contains(msg, "OOM")
 }
 
 // fallbackVerdict counts a request that Redis could not decide and

@@ -437,3 +437,74 @@ func TestRedisRunsOnOneProcessor(t *testing.T) {
 		c.cmd.Wait()
 	}
 }
+
+// redisDo sends one command to the Redis on port and returns the first
+// line of its answer.
+func redisDo(t *testing.T, port int, args ...string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprintf(c, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(c, "$%d\r\n%s\r\n", len(a), a)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(line)
+}
+
+// TestRedisBadValueHurtsNobody writes a value that is not a number into
+// one client's known-IP key and turns one triplet's key into a list: the
+// requests that touch them are decided in Redis as if the keys were absent
+// (and the keys repaired), no request falls back, Redis is never marked
+// down, and other clients are decided as usual.
+func TestRedisBadValueHurtsNobody(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	clock := newFakeClock()
+	td := startRedisDaemon(t, port, clock)
+	conn := dial(t, td.addr)
+	ask := func(r []byte, want []byte) {
+		t.Helper()
+		if got := exchange(t, conn, r, 5*time.Second); !bytes.Equal(got, want) {
+			t.Fatalf("reply %x, want %x", got, want)
+		}
+	}
+	ask(req("192.0.2.1", alice, bob), []byte{0, 1})
+	clock.advance(6 * time.Minute)
+	ask(req("192.0.2.1", alice, bob), []byte{1, 3}) // passed: 192.0.2.1 is known
+	ask(req("192.0.2.2", alice, carol), []byte{0, 1})
+	ikeys := redisDo(t, port, "KEYS", "greydaemon:i:*")
+	gkeys := redisDo(t, port, "KEYS", "greydaemon:g:*")
+	if ikeys != "*1" || gkeys != "*2" {
+		t.Fatalf("keys in Redis: %s known IPs, %s triplets", ikeys, gkeys)
+	}
+	var st Stats
+	// The known IP's key holds "abc"; carol's triplet key becomes a list.
+	var kb keyBuilder
+	iKey := td.remote.key('i', td.g.ParseClient([]byte("192.0.2.1")).key)
+	c2 := td.g.ParseClient([]byte("192.0.2.2"))
+	gKey := td.remote.key('g', kb.triplet(c2.key, td.g.ParseSender(&kb, []byte(alice)).text, []byte(carol)))
+	redisDo(t, port, "SET", iKey, "abc")
+	redisDo(t, port, "DEL", gKey)
+	redisDo(t, port, "RPUSH", gKey, "x")
+	ask(req("192.0.2.1", alice, bob), []byte{1, 3})   // not known any more, but its triplet passed
+	ask(req("192.0.2.2", alice, carol), []byte{0, 1}) // a new triplet again
+	ask(req("192.0.2.3", alice, bob), []byte{0, 1})
+	ask(req("192.0.2.1", alice, "dave@rcpt.example"), []byte{1, 2}) // known again: the key was repaired
+	td.UpdateStats(&st)
+	if st.Fallbacks != 0 || !st.RedisUp || st.RedisFailures != 0 {
+		t.Errorf("fallbacks %d, redis up %v, failures %d; want 0, true, 0", st.Fallbacks, st.RedisUp, st.RedisFailures)
+	}
+	if got := redisDo(t, port, "TYPE", gKey); got != "+string" {
+		t.Errorf("the triplet's key is a %s now, want a string again", got)
+	}
+	if log := td.errOut.String(); strings.Contains(log, "unavailable") {
+		t.Errorf("Redis was marked down:\n%s", log)
+	}
+}
