@@ -599,6 +599,10 @@ func (d *daemon) save(why string) error {
 	}
 	d.saves.Add(1)
 	d.lastSave.Store(&savedAt{saveStats: st, at: d.now()})
+	if why == "SIGUSR1" {
+		d.log.Infof("saved %d known IPs and %d grey triplets to %q (SIGUSR1)", st.known, st.grey, d.set.StateFile)
+		return nil
+	}
 	d.log.Debugf("saved %d known IPs and %d grey triplets to %q (%d bytes, %v, %s); %d evicted, %d expired so far",
 		st.known, st.grey, d.set.StateFile, st.bytes, st.elapsed.Round(time.Millisecond), why,
 		d.table.evicted.Load(), d.table.expired.Load())

@@ -181,7 +181,8 @@ func TestReloadKeepsRestartOnlySettings(t *testing.T) {
 	}
 }
 
-// TestSIGUSR1Saves checks that SIGUSR1 on the signal channel saves at once.
+// TestSIGUSR1Saves checks that SIGUSR1 on the signal channel saves at
+// once, and says so without -d.
 func TestSIGUSR1Saves(t *testing.T) {
 	saved := make(chan error, 2)
 	td := startTestDaemon(t, settingsOf(t, defaultConfig()), newFakeClock().now, func(d *daemon) {
@@ -199,6 +200,9 @@ func TestSIGUSR1Saves(t *testing.T) {
 	}
 	if _, err := os.Stat(td.set.StateFile); err != nil {
 		t.Fatal(err)
+	}
+	if want := "greydaemon: saved 0 known IPs and 1 grey triplets to "; !strings.Contains(td.errOut.String(), want) {
+		t.Errorf("the SIGUSR1 save was not logged (want %q):\n%s", want, td.errOut.String())
 	}
 }
 
