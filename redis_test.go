@@ -23,33 +23,68 @@ import (
 
 // startRedis starts a private redis-server on port (0: a free one) and
 // returns its port and the command, to kill it.
-func startRedis(t *testing.T, port int) (int, *exec.Cmd) {
+func startRedis(t *testing.T, port int, extra ...string) (int, *exec.Cmd) {
 	t.Helper()
 	bin := requireTool(t, "redis-server", "redis-server")
-	if port == 0 {
-		port = freeTCPPort(t)
+	fixed := port != 0
+	for try := 0; ; try++ {
+		if !fixed {
+			port = freeTCPPort(t)
+		}
+		args := append([]string{"--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+			"--dir", t.TempDir(), "--protected-mode", "no"}, extra...)
+		cmd := exec.Command(bin, args...)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan struct{})
+		go func() { cmd.Wait(); close(exited) }()
+		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+		if redisAnswers(port, exited) {
+			return port, cmd
+		}
+		// The free port was taken meanwhile, or the server failed: try
+		// another port, twice at most.
+		cmd.Process.Kill()
+		if fixed || try == 2 {
+			t.Fatalf("redis-server on port %d does not answer", port)
+		}
 	}
-	cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-		"--dir", t.TempDir(), "--protected-mode", "no")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+}
+
+// waitGone waits up to 10 s until the killed process cmd is gone (startRedis
+// reaps it).
+func waitGone(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	for range 1000 {
+		if cmd.Process.Signal(syscall.Signal(0)) != nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	for i := 0; ; i++ {
+	t.Fatalf("process %d did not end", cmd.Process.Pid)
+}
+
+// redisAnswers waits up to 5 s for the Redis on port to answer PING, and
+// gives up early if exited closes.
+func redisAnswers(port int, exited <-chan struct{}) bool {
+	for range 100 {
 		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
 			fmt.Fprint(c, "PING\r\n")
 			c.SetReadDeadline(time.Now().Add(time.Second))
 			line, _ := bufio.NewReader(c).ReadString('\n')
 			c.Close()
 			if strings.HasPrefix(line, "+PONG") {
-				return port, cmd
+				return true
 			}
 		}
-		if i == 100 {
-			t.Fatalf("redis-server on port %d does not answer", port)
+		select {
+		case <-exited:
+			return false
+		case <-time.After(50 * time.Millisecond):
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
+	return false
 }
 
 // startRedisDaemon runs a daemon deciding in the Redis on port, and waits
@@ -119,7 +154,7 @@ func TestRedisDownFallsBackAndRecovers(t *testing.T) {
 		t.Fatalf("with Redis: %x", got)
 	}
 	redis.Process.Signal(syscall.SIGKILL)
-	redis.Wait()
+	waitGone(t, redis)
 	start := time.Now()
 	for i := range 50 {
 		if got := exchange(t, conn, req("192.0.2.9", alice, fmt.Sprintf("r%d@x", i)), 2*time.Second); !bytes.Equal(got, []byte{0, 1}) {
@@ -222,14 +257,8 @@ func redisInfo(t *testing.T, port int, section string) string {
 // follows the failover without a restart.
 func TestRedisSentinelFailover(t *testing.T) {
 	master, masterCmd := startRedis(t, 0)
-	replicaPort := freeTCPPort(t)
+	replicaPort, _ := startRedis(t, 0, "--replicaof", "127.0.0.1", fmt.Sprint(master))
 	bin := requireTool(t, "redis-server", "redis-server")
-	replica := exec.Command(bin, "--port", fmt.Sprint(replicaPort), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-		"--dir", t.TempDir(), "--replicaof", "127.0.0.1", fmt.Sprint(master))
-	if err := replica.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { replica.Process.Kill(); replica.Wait() })
 	sentinelPort := freeTCPPort(t)
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "sentinel.conf")
@@ -281,7 +310,7 @@ func TestRedisSentinelFailover(t *testing.T) {
 		return offset > 0 && strings.Contains(info, fmt.Sprintf("offset=%d,", offset))
 	})
 	masterCmd.Process.Kill()
-	masterCmd.Wait()
+	waitGone(t, masterCmd)
 	clock.advance(6 * time.Minute)
 	var got []byte
 	waitFor("a retry answered from the promoted replica", 30*time.Second, func() bool {
