@@ -34,6 +34,20 @@ func requireTool(t *testing.T, name, debianPackage string) string {
 	return path
 }
 
+// requireRoot skips the test unless it runs as root (fails it when
+// requireToolsEnv is set, as CI runs as root), saying why it needs root.
+func requireRoot(t *testing.T, why string) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	msg := "needs root, " + why + "; CI runs as root"
+	if os.Getenv(requireToolsEnv) != "" {
+		t.Fatalf("%s, and %s is set", msg, requireToolsEnv)
+	}
+	t.Skip(msg)
+}
+
 // TestSystemdUnits runs `systemd-analyze verify` on both units, with the
 // program path pointing at an existing executable and the man page
 // installed in a temporary MANPATH (so Documentation= is checked too), and

@@ -189,9 +189,7 @@ func TestShutdownAnswersWhatItRead(t *testing.T) {
 // root, which switching users needs (CI runs as root).
 func nobodyDir(t *testing.T, owned bool) (dir string, uid, gid int) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root, to start the daemon with -u nobody; CI runs as root")
-	}
+	requireRoot(t, "to start the daemon with -u nobody")
 	u, err := user.Lookup("nobody")
 	if err != nil {
 		t.Fatalf("no user nobody: %v", err)
@@ -306,9 +304,7 @@ func TestUnusableStatePathsRefusedAtStart(t *testing.T) {
 			t.Errorf("%s: exit %v, stderr %q; want an error containing %q", tt.name, err, stderr, tt.want)
 		}
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("the -u cases need root; CI runs as root")
-	}
+	requireRoot(t, "for the -u cases")
 	rootDir, _, _ := nobodyDir(t, false)
 	stderr, err := runChildToExit(t, "-u", "nobody", "127.0.0.1:0", filepath.Join(rootDir, "state"))
 	if want := `as user nobody (uid 65534): open `; err == nil || !strings.Contains(stderr, "cannot create files in") || !strings.Contains(stderr, want) ||

@@ -163,12 +163,7 @@ func smtpRcpts(t *testing.T, port int, sender string, rcpts ...string) []string 
 // unix socket: the first attempt gets 450, a second recipient is
 // greylisted on its own, and the retry after the delay gets 250.
 func TestRealPostfix(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv(requireToolsEnv) != "" {
-			t.Fatal("Postfix's master needs root, and " + requireToolsEnv + " is set")
-		}
-		t.Skip("Postfix's master needs root; CI runs as root")
-	}
+	requireRoot(t, "for Postfix's master")
 	requireTool(t, "postfix", "postfix")
 	dir, err := os.MkdirTemp("", "greydaemon-postfix-")
 	if err != nil {

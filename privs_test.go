@@ -33,9 +33,7 @@ func TestMain(m *testing.M) {
 // primary gid, no supplementary groups, and cannot regain root. It needs
 // root, which CI has.
 func TestDropPrivileges(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("switching user needs root; CI runs as root")
-	}
+	requireRoot(t, "to switch user")
 	u, err := user.Lookup("nobody")
 	if err != nil {
 		t.Fatalf("no user nobody: %v", err)
