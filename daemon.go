@@ -261,6 +261,7 @@ func (d *daemon) open(set *Settings) error {
 	if d.list != nil {
 		d.list.book, d.list.dlog = newListBook(d.g), d.dlog
 		d.list.book.save = d.saveForRequest
+		d.list.book.remote = d.remote
 	}
 	return nil
 }

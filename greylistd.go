@@ -205,6 +205,9 @@ type listBook struct {
 	start atomic.Int64 // unix time the statistics start
 	// save, if set, writes a snapshot now (the save command).
 	save func() error
+	// remote, if set, holds the entries instead of the table (Redis
+	// mode); the table serves when it cannot answer.
+	remote *redisStore
 }
 
 // newListBook returns a listBook on g's table, its statistics starting now.
@@ -233,18 +236,13 @@ func (b *listBook) answer(dst []byte, r *listRequest, parseErr string) []byte {
 	case cmdAdd:
 		return b.add(dst, r, now)
 	case cmdDelete:
-		_, exp := b.limits()
-		old, found := b.g.table.changeList(listKeyOf(r.dataBytes()), now, exp, func(listEntry, bool) (listEntry, bool) {
-			return listEntry{}, false
-		})
-		if !found {
+		state := b.delete(listKeyOf(r.dataBytes()), now)
+		if state == 0 {
 			return append(dst, "error: Not found"...)
 		}
-		return append(append(append(dst, "Removed from "...), old.state.String()...), "list"...)
+		return append(append(append(dst, "Removed from "...), state.String()...), "list"...)
 	case cmdStatus:
-		_, exp := b.limits()
-		e, _ := b.g.table.lookupList(listKeyOf(r.dataBytes()), now, exp)
-		return append(dst, e.state.String()...) // "unseen" for none
+		return append(dst, b.status(listKeyOf(r.dataBytes()), now).String()...) // "unseen" for none
 	case cmdStats:
 		return b.stats(dst, now)
 	case cmdMrtg:
@@ -281,8 +279,10 @@ func (b *listBook) check(dst []byte, r *listRequest, now uint32, update bool) []
 	}
 	p, exp := b.limits()
 	k := listKeyOf(r.dataBytes())
-	var state listState
-	if update {
+	state, decided := b.checkRemote(k, now, update)
+	switch {
+	case decided:
+	case update:
 		var moved bool
 		b.g.table.changeList(k, now, exp, func(old listEntry, found bool) (listEntry, bool) {
 			state = currentList(old, found, now, p.ListRetryMin)
@@ -293,7 +293,7 @@ func (b *listBook) check(dst []byte, r *listRequest, now uint32, update bool) []
 		if moved {
 			b.added[state].Add(1)
 		}
-	} else {
+	default:
 		old, found := b.g.table.lookupList(k, now, exp)
 		state = currentList(old, found, now, p.ListRetryMin)
 	}
@@ -341,17 +341,77 @@ func (b *listBook) add(dst []byte, r *listRequest, now uint32) []byte {
 			return append(appendListText(dst, r.option(0)), "'"...)
 		}
 	}
-	_, exp := b.limits()
+	p, exp := b.limits()
+	k := listKeyOf(r.dataBytes())
 	var moved bool
-	b.g.table.changeList(listKeyOf(r.dataBytes()), now, exp, func(old listEntry, found bool) (listEntry, bool) {
-		next, isNew := addToList(old, found, state, now)
-		moved = isNew
-		return next, true
-	})
+	var err error = errRedisDown
+	if b.remote != nil {
+		_, moved, err = b.remote.listOp(listOpAdd, k, state, now, p)
+	}
+	if err != nil {
+		b.g.table.changeList(k, now, exp, func(old listEntry, found bool) (listEntry, bool) {
+			next, isNew := addToList(old, found, state, now)
+			moved = isNew
+			return next, true
+		})
+	}
 	if moved {
 		b.added[state].Add(1)
 	}
 	return append(append(append(dst, "Added to "...), state.String()...), "list"...)
+}
+
+// checkRemote runs check (update when update is set) in Redis, in Redis
+// mode, and returns the entry's list and true; or redis_fallback's list and
+// true when Redis cannot answer; or false when the table is to decide.
+func (b *listBook) checkRemote(k listKey, now uint32, update bool) (listState, bool) {
+	if b.remote == nil {
+		return 0, false
+	}
+	op := listOpCheck
+	if update {
+		op = listOpUpdate
+	}
+	p, _ := b.limits()
+	state, moved, err := b.remote.listOp(op, k, 0, now, p)
+	if err != nil {
+		return b.remote.listFallback()
+	}
+	if moved {
+		b.added[state].Add(1)
+	}
+	return state, true
+}
+
+// delete removes the entry k and returns the list it was on, 0 for none:
+// in Redis in Redis mode (and in the table too, which may hold it from a
+// time Redis could not answer), else in the table.
+func (b *listBook) delete(k listKey, now uint32) listState {
+	p, exp := b.limits()
+	var state listState
+	if b.remote != nil {
+		state, _, _ = b.remote.listOp(listOpDelete, k, 0, now, p)
+	}
+	old, found := b.g.table.changeList(k, now, exp, func(listEntry, bool) (listEntry, bool) {
+		return listEntry{}, false
+	})
+	if state == 0 && found {
+		state = old.state
+	}
+	return state
+}
+
+// status returns the list the entry k is on, 0 for none: Redis's in Redis
+// mode while it answers, else the table's.
+func (b *listBook) status(k listKey, now uint32) listState {
+	p, exp := b.limits()
+	if b.remote != nil {
+		if state, _, err := b.remote.listOp(listOpStatus, k, 0, now, p); err == nil {
+			return state
+		}
+	}
+	e, _ := b.g.table.lookupList(k, now, exp)
+	return e.state
 }
 
 // clear runs clear: it empties the lists its options name (all when none)

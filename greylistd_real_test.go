@@ -301,34 +301,8 @@ func TestRealGreylistdOracle(t *testing.T) {
 	ours := filepath.Join(dir, "ours.sock")
 	td := startTestDaemon(t, settingsOf(t, listConfig(edit, ours)), time.Now, nil)
 
-	const triplet = "192.0.2.0/24 alice@example.org bob@example.net"
-	sequence := []string{
-		"--grey " + triplet,
-		"check " + triplet,
-		"status " + triplet,
-		"update --white " + triplet,
-		"STATUS  192.0.2.0/24\tALICE@example.org   bob@EXAMPLE.net\n",
-		"add --black 198.51.100.7",
-		"check 198.51.100.7",
-		"check --white 198.51.100.7",
-		"update 198.51.100.7",
-		"delete 198.51.100.7",
-		"delete 198.51.100.7",
-		"status 198.51.100.7",
-		"add --purple 198.51.100.7",
-		"add 198.51.100.8",
-		"add --grey 198.51.100.8",
-		"update --bogus " + triplet,
-		"",
-		"   ",
-		"check",
-		"--grey",
-		"stats extra",
-		"list",
-		"updates are words " + triplet,
-		"-x -y " + triplet,
-		"clear --purple",
-	}
+	const triplet = oracleTriplet
+	sequence := oracleSequence
 	ask := func(round string, requests []string) {
 		t.Helper()
 		for _, r := range requests {
@@ -371,6 +345,89 @@ func TestRealGreylistdOracle(t *testing.T) {
 	}
 	if realAnswer != "true" {
 		t.Errorf("greylistd after a restart: %q; expected true (it forgets, its keys being per-process hashes)", realAnswer)
+	}
+}
+
+// oracleTriplet is the data string of oracleSequence.
+const oracleTriplet = "192.0.2.0/24 alice@example.org bob@example.net"
+
+// oracleSequence is the request sequence the oracle tests send to the real
+// greylistd and to greydaemon: every command, bad options, empty requests,
+// case and white space.
+var oracleSequence = []string{
+	"--grey " + oracleTriplet,
+	"check " + oracleTriplet,
+	"status " + oracleTriplet,
+	"update --white " + oracleTriplet,
+	"STATUS  192.0.2.0/24\tALICE@example.org   bob@EXAMPLE.net\n",
+	"add --black 198.51.100.7",
+	"check 198.51.100.7",
+	"check --white 198.51.100.7",
+	"update 198.51.100.7",
+	"delete 198.51.100.7",
+	"delete 198.51.100.7",
+	"status 198.51.100.7",
+	"add --purple 198.51.100.7",
+	"add 198.51.100.8",
+	"add --grey 198.51.100.8",
+	"update --bogus " + oracleTriplet,
+	"",
+	"   ",
+	"check",
+	"--grey",
+	"stats extra",
+	"list",
+	"updates are words " + oracleTriplet,
+	"-x -y " + oracleTriplet,
+	"clear --purple",
+}
+
+// TestRealGreylistdOracleRedis sends the oracle sequence to the real
+// greylistd and, alternately, to two greydaemons deciding in one Redis (as
+// two MX hosts of an Exim site): every reply is greylistd's, byte for
+// byte, so an entry one daemon made is the other's, and after retryMin an
+// update at one turns white a triplet first seen at the other.
+func TestRealGreylistdOracleRedis(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	dir := t.TempDir()
+	real, _ := startRealGreylistd(t, dir, false)
+	var socks [2]string
+	for i := range socks {
+		socks[i] = filepath.Join(dir, fmt.Sprintf("ours%d.sock", i))
+		td := startTestDaemon(t, settingsOf(t, listConfig(func(c *Config) {
+			c.GreylistdRetryMin = Duration{time.Second}
+			c.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
+		}, socks[i])), time.Now, nil)
+		for n := 0; td.remote.client.Load() == nil; n++ {
+			if n == 200 {
+				t.Fatal("the daemon did not connect to Redis within 10 s")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	n := 0
+	ask := func(round string, requests []string) {
+		t.Helper()
+		for _, r := range requests {
+			want := askSocket(t, real, r, true)
+			got := askSocket(t, socks[n%2], r, true)
+			if got != want {
+				t.Errorf("%s: %q at daemon %d: greydaemon answered %q, greylistd %q", round, r, n%2, got, want)
+			}
+			n++
+		}
+	}
+	ask("first round", oracleSequence)
+	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(2100 * time.Millisecond)))
+	ask("after retryMin", []string{
+		"check --grey " + oracleTriplet,
+		"update --grey " + oracleTriplet,
+		"status " + oracleTriplet,
+		"update " + oracleTriplet,
+		"status 198.51.100.8",
+	})
+	if keys := redisDo(t, port, "KEYS", "greydaemon:l:*"); keys == "*0" {
+		t.Errorf("no greylistd entry in Redis")
 	}
 }
 

@@ -205,7 +205,7 @@ var errRedisDown = errors.New("redis unavailable")
 // deadline, each gets errRedisDown.
 func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 	cp := s.client.Load()
-	if cp == nil || time.Now().UnixNano() < s.downUntil.Load() {
+	if cp == nil || s.downNow() {
 		for i := range reqs {
 			reqs[i].err = errRedisDown
 		}
@@ -283,7 +283,17 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 	}
 	if firstErr != nil {
 		s.setDown(firstErr)
-	} else if s.down.Swap(false) {
+	} else {
+		s.up()
+	}
+}
+
+// downNow reports whether Redis is not to be asked now, after a failure.
+func (s *redisStore) downNow() bool { return time.Now().UnixNano() < s.downUntil.Load() }
+
+// up records that Redis answered, and logs it after a failure.
+func (s *redisStore) up() {
+	if s.down.Swap(false) {
 		s.log.Infof("redis: answering again; deciding in Redis")
 	}
 }
