@@ -311,14 +311,6 @@ func socketGroup(set *Settings, key, name string) (int, error) {
 	return gid, nil
 }
 
-// policyPath returns the policy server's socket file, or "" for none.
-func (d *daemon) policyPath() string {
-	if d.policy == nil {
-		return ""
-	}
-	return d.policy.unixPath
-}
-
 // saveForRequest asks the daemon's loop for a save now and waits for its
 // outcome: the greylistd save command.
 func (d *daemon) saveForRequest() error {
