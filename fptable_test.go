@@ -108,3 +108,76 @@ func TestFPMapMemory(t *testing.T) {
 		m.clear()
 	}
 }
+
+// TestFPMapEveryKeyAfterEveryChange inserts 3,000 keys one by one, deleting
+// every third one again, and after every change looks every live key up
+// (and a deleted one), across the map's incremental growths: a slot lost
+// in a migration shows at the first lookup after it. It also counts the
+// control bytes of both tables after every change: the full and deleted
+// counts must match them, and the load limit is 7/8.
+func TestFPMapEveryKeyAfterEveryChange(t *testing.T) {
+	if maxLoadNum != 7 || maxLoadDen != 8 {
+		t.Fatalf("load limit %d/%d, want 7/8 (87.5%%, as documented)", maxLoadNum, maxLoadDen)
+	}
+	var m fpMap
+	defer m.clear()
+	live := map[uint64]uint32{}
+	var gone []uint64
+	growths := 0
+	check := func(step int) {
+		t.Helper()
+		for n, want := range live {
+			k := tkey(n)
+			if v, ok := m.get((*[16]byte)(&k)); !ok || v != want {
+				t.Fatalf("step %d: key %d: %d,%v; want %d", step, n, v, ok, want)
+			}
+		}
+		for _, n := range gone[max(0, len(gone)-3):] {
+			k := tkey(n)
+			if _, ok := m.get((*[16]byte)(&k)); ok {
+				t.Fatalf("step %d: deleted key %d still found", step, n)
+			}
+		}
+		// (The old table marks the slots it has moved deleted without
+		// counting them: only lookups read it.)
+		for i, tb := range []*groupTable{&m.cur, &m.old} {
+			full, deleted := 0, 0
+			for g := range tb.groups {
+				for _, c := range tb.groups[g].ctrl {
+					switch {
+					case c == ctrlDeleted:
+						deleted++
+					case c != ctrlEmpty:
+						full++
+					}
+				}
+			}
+			if i == 1 {
+				deleted = tb.deleted
+			}
+			if full != tb.full || deleted != tb.deleted {
+				t.Fatalf("step %d: control bytes say %d full, %d deleted; counted %d, %d", step, full, deleted, tb.full, tb.deleted)
+			}
+		}
+	}
+	for n := range uint64(3000) {
+		k := tkey(n)
+		wasGrowing := len(m.old.groups) > 0
+		m.set((*[16]byte)(&k), uint32(n))
+		live[n] = uint32(n)
+		if !wasGrowing && len(m.old.groups) > 0 {
+			growths++
+		}
+		check(int(n))
+		if n%3 == 2 {
+			d := n - 1
+			m.each(func(k *[16]byte, _ *uint32) bool { return *k == tkey(d) })
+			delete(live, d)
+			gone = append(gone, d)
+			check(int(n))
+		}
+	}
+	if growths < 3 {
+		t.Fatalf("%d growths; the test must cross several", growths)
+	}
+}
