@@ -84,6 +84,7 @@ type daemon struct {
 	saveRequests chan chan error
 	loopDone     chan struct{}
 
+	maxEntries              int // max_entries, which only a restart changes
 	saves, saveFailures     atomic.Uint64
 	reloads, reloadFailures atomic.Uint64
 	lastSave                atomic.Pointer[savedAt]
@@ -131,7 +132,7 @@ func (d *daemon) run(ctx context.Context) error {
 // the state file's lock, binds every front end's sockets, drops privileges,
 // reads the whitelist (as the user the daemon runs as) and loads the state.
 func (d *daemon) open(set *Settings) error {
-	d.set = set
+	d.set, d.maxEntries = set, set.MaxEntries
 	d.openLogs(set.Debug)
 	if d.oneProcessor {
 		d.log.Infof("redis: running Go on one processor, as suits a daemon waiting for round trips (the GOMAXPROCS variable overrides it)")
@@ -730,7 +731,7 @@ func (d *daemon) UpdateStats(st *Stats) {
 	}
 	st.KnownIPs, st.GreyTriplets = d.table.counts()
 	st.ListEntries = d.table.listCount()
-	st.MaxEntries = d.table.capacity()
+	st.MaxEntries = d.maxEntries
 	st.Evictions = d.table.evicted.Load()
 	st.Expirations = d.table.expired.Load()
 	st.FutureTimesClamped = d.table.clamped.Load()

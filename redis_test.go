@@ -550,3 +550,74 @@ func TestRedisBadValueHurtsNobody(t *testing.T) {
 		t.Errorf("Redis was marked down:\n%s", log)
 	}
 }
+
+// TestRedisFallbackDeadlineAndBackoff stops Redis (SIGSTOP) under daemons
+// with redis_fallback accept and tempfail and redis_timeout 100ms: the
+// request that meets the stopped Redis is answered after its deadline,
+// the ones after it without asking Redis (one failure, then a second of
+// back-off), each with its fallback's verdict; the metrics say so (up 0,
+// one call ok, the failures as errors, every fallback decision); and a
+// grey triplet's key lives the resend window plus a minute.
+func TestRedisFallbackDeadlineAndBackoff(t *testing.T) {
+	for _, tt := range []struct {
+		fallback string
+		want     []byte
+	}{{"accept", []byte{1, 3}}, {"tempfail", []byte{0, 1}}} {
+		t.Run(tt.fallback, func(t *testing.T) {
+			port, redis := startRedis(t, 0)
+			cfg := defaultConfig()
+			cfg.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
+			cfg.RedisFallback = tt.fallback
+			cfg.RedisTimeout = Duration{100 * time.Millisecond}
+			cfg.MetricsListen = "127.0.0.1:0"
+			clock := newFakeClock()
+			td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
+			for i := 0; td.remote.client.Load() == nil; i++ {
+				if i == 200 {
+					t.Fatal("the daemon did not connect to Redis within 10 s")
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			conn := dial(t, td.addr)
+			if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
+				t.Fatalf("with Redis: %x", got)
+			}
+			var kb keyBuilder
+			c := td.g.ParseClient([]byte("192.0.2.1"))
+			key := td.remote.key('g', kb.triplet(c.key, td.g.ParseSender(&kb, []byte(alice)).text, []byte(bob)))
+			if ttl := redisDo(t, port, "TTL", key); ttl != ":43260" && ttl != ":43259" {
+				t.Errorf("grey triplet's TTL %s, want the resend window (43200 s) plus 60", ttl)
+			}
+
+			redis.Process.Signal(syscall.SIGSTOP)
+			defer redis.Process.Signal(syscall.SIGCONT)
+			start := time.Now()
+			for i := range 20 {
+				if got := exchange(t, conn, req("192.0.2.9", alice, fmt.Sprintf("r%d@x", i)), 2*time.Second); !bytes.Equal(got, tt.want) {
+					t.Fatalf("request %d with Redis stopped: %x, want %x (redis_fallback = %s)", i, got, tt.want, tt.fallback)
+				}
+			}
+			took := time.Since(start)
+			var st Stats
+			td.UpdateStats(&st)
+			if took < 900*time.Millisecond && (st.RedisCalls != 2 || st.RedisFailures != 1) {
+				t.Errorf("20 requests in %v with Redis stopped made %d calls, %d failed; want 2 and 1 (a second of back-off after the failure)", took, st.RedisCalls, st.RedisFailures)
+			}
+			if st.Fallbacks != 20 {
+				t.Errorf("%d fallback decisions, want 20", st.Fallbacks)
+			}
+			text := scrape(t, td.addrs["metrics"])
+			for series, want := range map[string]float64{
+				"greydaemon_redis_up":                          0,
+				`greydaemon_redis_calls_total{result="ok"}`:    1,
+				`greydaemon_redis_calls_total{result="error"}`: float64(st.RedisFailures),
+				"greydaemon_redis_fallback_decisions_total":    20,
+				"greydaemon_max_entries":                       2_000_000,
+			} {
+				if got := metricValue(text, series); got != want {
+					t.Errorf("%s = %v, want %v", series, got, want)
+				}
+			}
+		})
+	}
+}
