@@ -327,6 +327,8 @@ func TestRealGreylistdOracle(t *testing.T) {
 	if got := askSocket(t, ours, "status "+triplet, true); got != "white" {
 		t.Fatalf("before the restart the triplet is %q, want white", got)
 	}
+	// The statistics and clearing, in greylistd's words and widths.
+	ask("statistics", []string{"stats", "mrtg", "clear --grey", "stats", "status 198.51.100.8", "status " + triplet})
 
 	// Restart both.
 	stopReal()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -241,6 +242,34 @@ func TestGreylistCommand(t *testing.T) {
 	errOut.Reset()
 	if code := exitCode(run([]string{"greylist", "-socket", filepath.Join(t.TempDir(), "none"), "stats"}, &out, &errOut, nil), &out, &errOut); code != 1 || !strings.Contains(errOut.String(), "cannot connect") {
 		t.Errorf("no daemon: exit %d, stderr %q", code, errOut.String())
+	}
+	// -c: the socket is the config's greylistd_listen.
+	conf := filepath.Join(t.TempDir(), "g.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf("greylistd_listen = %q\n", path)), 0o644)
+	out.Reset()
+	if code := exitCode(run([]string{"greylist", "-c", conf, "check", "x"}, &out, &errOut, nil), &out, &errOut); code != 2 || out.String() != "black\n" {
+		t.Errorf("greylist -c: printed %q, exit %d; want black, 2", out.String(), code)
+	}
+	// A socket that closes without answering: exit 1, said on stderr.
+	mute := filepath.Join(t.TempDir(), "mute.sock")
+	ln, err := net.Listen("unix", mute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Read(make([]byte, 1024)) // the request, then nothing
+			c.Close()
+		}
+	}()
+	errOut.Reset()
+	if code := exitCode(run([]string{"greylist", "-socket", mute, "check", "x"}, &out, &errOut, nil), &out, &errOut); code != 1 || !strings.Contains(errOut.String(), "no answer") {
+		t.Errorf("empty answer: exit %d, stderr %q; want 1 and \"no answer\"", code, errOut.String())
 	}
 }
 
