@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -389,5 +390,35 @@ start = %[2]d
 	err := importGreylistdCommand(args, &out, clock.now)
 	if err == nil || !strings.Contains(err.Error(), "lock") && !strings.Contains(err.Error(), "running") {
 		t.Fatalf("import while the daemon runs: %v", err)
+	}
+}
+
+// TestReadGreylistdStates reads a states file line by line: LAST comes
+// before FIRST in greylistd's lines, a non-number is a bad line (not a 0),
+// the [statistics] section is skipped, and a file with no list section is
+// not a states file.
+func TestReadGreylistdStates(t *testing.T) {
+	text := "[statistics]\nstart = 1\n\n[white]\n17 = 1700000500 1700000100 4\n18 = 1700000500 x 4\n[Grey]\n-5 = 1700000900 1700000800 1\n"
+	var got []listEntry
+	var hashes []int64
+	var bad []string
+	err := readGreylistdStates(strings.NewReader(text), "states",
+		func(h int64, e listEntry) { hashes, got = append(hashes, h), append(got, e) },
+		func(line string) { bad = append(bad, line) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []listEntry{{first: 1700000100, last: 1700000500, count: 4, state: listWhite}, {first: 1700000800, last: 1700000900, count: 1, state: listGrey}}
+	if !slices.Equal(got, want) || !slices.Equal(hashes, []int64{17, -5}) {
+		t.Errorf("entries %+v %v, want %+v [17 -5]", got, hashes, want)
+	}
+	if !slices.Equal(bad, []string{"18 = 1700000500 x 4"}) {
+		t.Errorf("bad lines %q", bad)
+	}
+	for _, text := range []string{"a = 1 2 3\n[statistics]\nx = 1\n", "a = 1 2 3\n", ""} {
+		err = readGreylistdStates(strings.NewReader(text), "notstates", func(int64, listEntry) {}, func(string) {})
+		if err == nil || !strings.Contains(err.Error(), `"notstates" is not a greylistd states file: it has no [white], [grey] or [black] section`) {
+			t.Errorf("%q, with no list section: %v", text, err)
+		}
 	}
 }

@@ -140,7 +140,9 @@ func readGreylistdStates(r io.Reader, name string, add func(hash int64, e listEn
 			continue
 		case strings.HasPrefix(line, "[") && strings.Contains(line, "]"):
 			state, _ = parseListState([]byte(strings.ToLower(strings.TrimSpace(line[1:strings.Index(line, "]")]))))
-			sections++
+			if state != 0 {
+				sections++
+			}
 			continue
 		case state == 0:
 			continue
