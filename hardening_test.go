@@ -143,7 +143,8 @@ func TestLogLineBoundedAndEscaped(t *testing.T) {
 
 // TestShutdownAnswersWhatItRead stops a daemon in the middle of a flood:
 // every request it read was answered (before, requests read at shutdown
-// were recorded but their replies failed on the closed socket).
+// were recorded but their replies failed on the closed socket), and is in
+// the final save, which comes after the front ends stop.
 func TestShutdownAnswersWhatItRead(t *testing.T) {
 	td := startTestDaemon(t, settingsOf(t, defaultConfig()), newFakeClock().now, nil)
 	var clients sync.WaitGroup
@@ -181,7 +182,12 @@ func TestShutdownAnswersWhatItRead(t *testing.T) {
 	if q.Requests == 0 || q.Replies != q.Requests || q.WriteErrors != 0 || q.Malformed != 0 {
 		t.Fatalf("%d requests read, %d answered, %d replies failed, %d malformed", q.Requests, q.Replies, q.WriteErrors, q.Malformed)
 	}
-	t.Logf("%d requests read during the flood, all answered", q.Requests)
+	// Every request answered is in the final save, which runs after the
+	// front ends have stopped: each was a new triplet.
+	if grey := greyInState(t, td.set.StateFile); uint64(grey) != q.Requests {
+		t.Fatalf("the final save holds %d grey triplets; %d requests were answered", grey, q.Requests)
+	}
+	t.Logf("%d requests read during the flood, all answered and saved", q.Requests)
 }
 
 // nobodyDir returns a fresh directory that user nobody can enter and, if
