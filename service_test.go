@@ -583,3 +583,31 @@ func TestReloadAppliesAndWarns(t *testing.T) {
 		t.Errorf("an idle connection stayed open %v with policy_idle_timeout 1s", took)
 	}
 }
+
+// TestReloadResetsSaveTimer reloads a config whose save_interval drops
+// from an hour to a second: saves then come every second.
+func TestReloadResetsSaveTimer(t *testing.T) {
+	dir := t.TempDir()
+	conf := writeConfig(t, dir, `save_interval = "1h"`)
+	reloaded := make(chan error, 1)
+	saved := make(chan error, 10)
+	td := startTestDaemon(t, fromArgs("-c", conf), newFakeClock().now, func(d *daemon) {
+		d.onReload = func(err error) { reloaded <- err }
+		d.onSave = func(_ saveStats, err error) { saved <- err }
+	})
+	writeConfig(t, dir, `save_interval = "1s"`)
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		select {
+		case err := <-saved:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("save %d: none within 5 s of a reload to save_interval 1s", i+1)
+		}
+	}
+}
