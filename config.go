@@ -95,7 +95,7 @@ func defaultConfig() Config {
 		MinResendDelay:  Duration{defaultMinDelay},
 		MaxEntries:      defaultMaxEntries,
 		IPv4Prefix:      32,
-		IPv6Prefix:      64,
+		IPv6Prefix:      128,
 
 		PolicySocketMode:     "0660",
 		PolicyDeferText:      defaultDeferText,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -34,7 +35,7 @@ func TestDocumentedDefaults(t *testing.T) {
 		{"min_resend_delay", set.Policy.MinResendDelay, uint32(300)},
 		{"max_entries", set.MaxEntries, 2_000_000},
 		{"ipv4_prefix", set.IPv4Prefix, 32},
-		{"ipv6_prefix", set.IPv6Prefix, 64},
+		{"ipv6_prefix", set.IPv6Prefix, 128},
 		{"normalize_sender", set.NormalizeSender, false},
 		{"policy_socket_mode", set.PolicyMode, os.FileMode(0o660)},
 		{"policy_defer_text", set.PolicyDeferText, "Greylisted, please try again in %s seconds"},
@@ -133,7 +134,7 @@ func TestKeySettingsFromConfig(t *testing.T) {
 		{"ipv4_prefix 24", []string{"ipv4_prefix = 24"}, req("192.0.2.1", alice, bob), req("192.0.2.77", alice, bob), []byte{1, 3}},
 		{"ipv4 default", nil, req("192.0.2.1", alice, bob), req("192.0.2.77", alice, bob), []byte{0, 1}},
 		{"ipv6_prefix 48", []string{"ipv6_prefix = 48"}, req("2001:db8::1", alice, bob), req("2001:db8:0:1::2", alice, bob), []byte{1, 3}},
-		{"ipv6 default 64", nil, req("2001:db8::1", alice, bob), req("2001:db8:0:1::2", alice, bob), []byte{0, 1}},
+		{"ipv6 default 128", nil, req("2001:db8::1", alice, bob), req("2001:db8::2", alice, bob), []byte{0, 1}},
 		{"normalize_sender", []string{"normalize_sender = true"}, req("192.0.2.1", "prvs=1234abcdef=alice@sender.example", bob),
 			req("192.0.2.1", "prvs=9999abcdef=alice@sender.example", bob), []byte{1, 3}},
 		{"sender as given", nil, req("192.0.2.1", "prvs=1234abcdef=alice@sender.example", bob),
@@ -152,5 +153,21 @@ func TestKeySettingsFromConfig(t *testing.T) {
 				t.Errorf("retry: %x, want %x", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestPerlIPv6TripletsMatch checks the promise to qmail sites moving from
+// the Perl daemon: an IPv6 grey triplet in a Perl save file is found by
+// lookup under the defaults (each address by itself).
+func TestPerlIPv6TripletsMatch(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	path := filepath.Join(t.TempDir(), "greydata")
+	os.WriteFile(path, []byte(fmt.Sprintf("G %d 2001:db8::5 alice@sender.example bob@rcpt.example\n", now.Unix()-120)), 0o644)
+	var out bytes.Buffer
+	if err := lookupCommand([]string{path, "2001:db8::5", "alice@sender.example", "bob@rcpt.example"}, &out, func() time.Time { return now }); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "first seen") || strings.Contains(out.String(), "not seen") {
+		t.Errorf("lookup of an IPv6 triplet of the Perl file:\n%s", out.String())
 	}
 }
