@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/url"
 	"os"
 	"os/user"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // errProblemsFound is returned by check when it printed problems.
@@ -38,10 +41,19 @@ func checkCommand(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 
+	// As the daemon does: files as the -u user when started as root.
+	owner, err := fileOwnerFor(c.User)
+	if err != nil {
+		report(fmt.Errorf("%s: user: %w", src.where("user"), err))
+	}
 	summary := []string{fmt.Sprintf("listen %s", c.Listen)}
 	if c.Whitelist != "" {
 		var warnings []string
-		wl, err := LoadWhitelist(c.Whitelist, func(w string) { warnings = append(warnings, w) })
+		var wl *IPRanges
+		err := asOwner(owner, 0o022, func() (err error) {
+			wl, err = LoadWhitelist(c.Whitelist, func(w string) { warnings = append(warnings, w) })
+			return err
+		})
 		for _, w := range warnings {
 			fmt.Fprintf(stderr, "greydaemon: warning: %s\n", w)
 		}
@@ -51,16 +63,29 @@ func checkCommand(args []string, stdout, stderr io.Writer) error {
 			summary = append(summary, fmt.Sprintf("whitelist %s (%d ranges)", c.Whitelist, wl.Len()))
 		}
 	}
-	if c.User != "" {
+	if c.User != "" && owner == nil {
 		if _, err := user.Lookup(c.User); err != nil {
 			report(fmt.Errorf("%s: user: %w", src.where("user"), err))
 		}
 	}
 	if c.StateFile != "" {
-		if s, err := checkStateFile(c.StateFile); err != nil {
+		if err := checkDirWritable(c.StateFile, "state file", src.where("state_file"), owner); err != nil {
+			report(err)
+		} else if s, err := checkStateFile(c.StateFile); err != nil {
 			report(err)
 		} else {
 			summary = append(summary, s)
+		}
+	}
+	summary = append(summary, c.frontEndSummary()...)
+	for _, sock := range []struct{ key, path string }{
+		{"greylistd_listen", c.GreylistdListen},
+		{"policy_listen", strings.TrimPrefix(c.PolicyListen, "unix:")},
+	} {
+		if sock.path != "" && strings.HasPrefix(sock.path, "/") {
+			if err := checkDirWritable(sock.path, "socket", src.where(sock.key)+": "+sock.key, owner); err != nil {
+				report(err)
+			}
 		}
 	}
 
@@ -73,6 +98,71 @@ func checkCommand(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "greydaemon: settings OK%s: %s\n", fromFile(&Settings{Source: src}), strings.Join(summary, "; "))
 	return nil
+}
+
+// checkDirWritable checks that the directory of the file at path (what
+// says what the file is; where, where the setting came from) exists and
+// that owner (nil: this process) may create files in it, as the daemon
+// will.
+func checkDirWritable(path, what, where string, owner *fileOwner) error {
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("%s: the directory of %s %q: %w; create it: mkdir -p %q", where, what, path, err, dir)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s: the directory of %s %q, %q, is not a directory", where, what, path, dir)
+	}
+	err = asOwner(owner, 0o022, func() error {
+		return unix.Faccessat(unix.AT_FDCWD, dir, unix.W_OK|unix.X_OK, unix.AT_EACCESS)
+	})
+	if err != nil {
+		who := fmt.Sprintf("user %s (uid %d)", userName(), os.Geteuid())
+		name := userName()
+		if owner != nil {
+			who, name = fmt.Sprintf("user %s (uid %d)", owner.name, owner.uid), owner.name
+		}
+		return fmt.Errorf("%s: cannot create files in %q, the directory of %s %q, as %s: %w; make it writable by that user (chown %s %q)",
+			where, dir, what, path, who, err, name, dir)
+	}
+	return nil
+}
+
+// frontEndSummary describes the front ends and the store the settings turn
+// on, for check's summary.
+func (c Config) frontEndSummary() []string {
+	var s []string
+	if c.PolicyListen != "" {
+		s = append(s, fmt.Sprintf("postfix policy %s (at most %d connections)", c.PolicyListen, c.PolicyMaxConnections))
+	}
+	if c.GreylistdListen != "" {
+		group := ""
+		if c.GreylistdGroup != "" {
+			group = ", group " + c.GreylistdGroup
+		}
+		s = append(s, fmt.Sprintf("greylistd socket %s (mode %s%s)", c.GreylistdListen, c.GreylistdSocketMode, group))
+	}
+	if c.MetricsListen != "" {
+		s = append(s, "metrics http://"+c.MetricsListen+"/metrics")
+	}
+	switch {
+	case c.RedisURL != "":
+		s = append(s, fmt.Sprintf("redis %s (fallback %s)", redactURL(c.RedisURL), c.RedisFallback))
+	case len(c.RedisSentinels) > 0:
+		s = append(s, fmt.Sprintf("redis master %q via sentinels %s (fallback %s)", c.RedisMaster, strings.Join(c.RedisSentinels, ", "), c.RedisFallback))
+	}
+	if len(c.Allow) > 0 {
+		s = append(s, "allow "+strings.Join(c.Allow, ", "))
+	}
+	return s
+}
+
+// redactURL returns u with any password replaced by "xxxxx".
+func redactURL(u string) string {
+	if parsed, err := url.Parse(u); err == nil {
+		return parsed.Redacted()
+	}
+	return u
 }
 
 // checkStateFile reads the state file at path without loading it and

@@ -200,3 +200,53 @@ func TestVerdictIndex(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckAsTheDaemonWould checks what check finds as the daemon would
+// find it at start: a state directory the -u user cannot write (checked as
+// that user, although check runs as root), a socket in a directory that
+// does not exist, each reported, all at once; and a summary naming every
+// front end and the store.
+func TestCheckAsTheDaemonWould(t *testing.T) {
+	rootDir, _, _ := nobodyDir(t, false) // nobody may not write it
+	conf := writeConfig(t, rootDir, `user = "nobody"`,
+		fmt.Sprintf("greylistd_listen = %q", filepath.Join(rootDir, "missing", "greylistd.sock")),
+		`policy_listen = "127.0.0.1:10023"`, `metrics_listen = "127.0.0.1:9119"`,
+		`redis_url = "redis://:secret@127.0.0.1:6379/0"`)
+	code, _, errOut := runCommand("check", "-c", conf)
+	for _, want := range []string{
+		fmt.Sprintf(`cannot create files in %q, the directory of state file %q, as user nobody (uid 65534)`, rootDir, filepath.Join(rootDir, "state")),
+		fmt.Sprintf(`%s:4: greylistd_listen: the directory of socket %q`, conf, filepath.Join(rootDir, "missing", "greylistd.sock")),
+		"check found 2 problem(s)",
+	} {
+		if code != 1 || !strings.Contains(errOut, want) {
+			t.Errorf("exit %d; output lacks %q:\n%s", code, want, errOut)
+		}
+	}
+	ownDir, _, _ := nobodyDir(t, true)
+	conf = writeConfig(t, ownDir, `user = "nobody"`, fmt.Sprintf("greylistd_listen = %q", filepath.Join(ownDir, "greylistd.sock")),
+		`policy_listen = "127.0.0.1:10023"`, `metrics_listen = "127.0.0.1:9119"`,
+		`redis_url = "redis://:secret@127.0.0.1:6379/0"`)
+	code, out, errOut := runCommand("check", "-c", conf)
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, errOut)
+	}
+	for _, want := range []string{"postfix policy 127.0.0.1:10023 (at most 256 connections)", "greylistd socket " + filepath.Join(ownDir, "greylistd.sock") + " (mode 0660)",
+		"metrics http://127.0.0.1:9119/metrics", "redis redis://:xxxxx@127.0.0.1:6379/0 (fallback local)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("summary lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestCheckReportsEveryBadValue gives two values of the wrong type: both
+// are reported, each at its line.
+func TestCheckReportsEveryBadValue(t *testing.T) {
+	dir := t.TempDir()
+	conf := writeConfig(t, dir, `min_resend_delay = "5x"`, `max_entries = "many"`)
+	code, _, errOut := runCommand("check", "-c", conf)
+	for _, want := range []string{conf + `:3: min_resend_delay: invalid duration "5x"`, conf + ":4: max_entries: incompatible types", "check found 2 problem(s)"} {
+		if code != 1 || !strings.Contains(errOut, want) {
+			t.Errorf("exit %d; output lacks %q:\n%s", code, want, errOut)
+		}
+	}
+}

@@ -6,6 +6,9 @@ import (
 	"io"
 	"math"
 	"os"
+	"reflect"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -167,13 +170,16 @@ func loadConfigFile(c *Config, path string) error {
 
 // parseConfig decodes TOML from r over c, which holds the defaults. Unknown
 // keys and values of the wrong type are errors naming the file, the line
-// where it can, and the key.
+// where it can, and the key; every one is reported, not just the first.
 func parseConfig(c *Config, r io.Reader, name string) error {
 	text, err := io.ReadAll(r)
 	if err != nil {
 		return fmt.Errorf("cannot read %s: %w", name, err)
 	}
-	md, err := toml.Decode(string(text), c)
+	// First the syntax, into undecoded values; then each key on its own,
+	// so that one bad value does not hide the next.
+	var values map[string]toml.Primitive
+	md, err := toml.Decode(string(text), &values)
 	if err != nil {
 		var perr toml.ParseError
 		if errors.As(err, &perr) {
@@ -181,16 +187,49 @@ func parseConfig(c *Config, r io.Reader, name string) error {
 		}
 		return fmt.Errorf("%s: %w", name, err)
 	}
-	var errs []error
-	for _, k := range md.Undecoded() {
-		where := name
-		if line := keyLine(text, k.String()); line > 0 {
-			where = fmt.Sprintf("%s:%d", name, line)
+	where := func(key string) string {
+		if line := keyLine(text, key); line > 0 {
+			return fmt.Sprintf("%s:%d", name, line)
 		}
-		errs = append(errs, fmt.Errorf("%s: unknown key %s", where, k))
+		return name
+	}
+	fields := reflect.ValueOf(c).Elem()
+	known := map[string]bool{}
+	var errs []error
+	for i := range fields.NumField() {
+		key := fields.Type().Field(i).Tag.Get("toml")
+		known[key] = true
+		v, ok := values[key]
+		if !ok {
+			continue
+		}
+		if err := md.PrimitiveDecode(v, fields.Field(i).Addr().Interface()); err != nil {
+			var perr toml.ParseError
+			if errors.As(err, &perr) {
+				err = errors.New(perr.Message)
+			} else {
+				// The file and the line come first already.
+				err = errors.New(tomlPosition.ReplaceAllString(err.Error(), ""))
+			}
+			errs = append(errs, fmt.Errorf("%s: %s: %w", where(key), key, err))
+		}
+	}
+	var unknown []string
+	for key := range values {
+		if !known[key] {
+			unknown = append(unknown, key)
+		}
+	}
+	slices.Sort(unknown)
+	for _, key := range unknown {
+		errs = append(errs, fmt.Errorf("%s: unknown key %s", where(key), key))
 	}
 	return errors.Join(errs...)
 }
+
+// tomlPosition matches the position the toml package puts before a
+// decoding error.
+var tomlPosition = regexp.MustCompile(`^toml: line \d+ \(last key "[^"]*"\): `)
 
 // keyLine returns the line of the TOML text on which key is assigned, or 0.
 // greydaemon's configuration is flat, so "key =" at the start of a line is
