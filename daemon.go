@@ -84,7 +84,8 @@ type daemon struct {
 	saveRequests chan chan error
 	loopDone     chan struct{}
 
-	maxEntries              int // max_entries, which only a restart changes
+	maxEntries              int             // max_entries, which only a restart changes
+	whitelistWarnings       map[string]bool // the last whitelist's warnings, logged once
 	saves, saveFailures     atomic.Uint64
 	reloads, reloadFailures atomic.Uint64
 	lastSave                atomic.Pointer[savedAt]
@@ -387,12 +388,24 @@ func (d *daemon) loadState(wl *IPRanges) error {
 	return nil
 }
 
-// loadWhitelist reads the whitelist at path, or returns nil for none.
+// loadWhitelist reads the whitelist at path, or returns nil for none. It
+// logs each of the file's warnings once: a reload repeats only those that
+// are new since the last load.
 func (d *daemon) loadWhitelist(path string) (*IPRanges, error) {
 	if path == "" {
 		return nil, nil
 	}
-	return LoadWhitelist(path, func(msg string) { d.log.Warnf("%s", msg) })
+	seen := map[string]bool{}
+	wl, err := LoadWhitelist(path, func(msg string) {
+		seen[msg] = true
+		if !d.whitelistWarnings[msg] {
+			d.log.Warnf("%s", msg)
+		}
+	})
+	if err == nil {
+		d.whitelistWarnings = seen
+	}
+	return wl, err
 }
 
 // warnIfOpen warns for each front end that answers anyone who can reach
@@ -560,13 +573,27 @@ func (d *daemon) shutdown(frontEnds *sync.WaitGroup, stopBackground func(), back
 	d.dlog.flush()
 	var st Stats
 	d.UpdateStats(&st)
-	q := st.FrontEnds[0]
+	var total FrontEndStats
+	var each []string
+	for _, fe := range st.FrontEnds {
+		total.Requests += fe.Requests
+		total.Malformed += fe.Malformed
+		total.Refused += fe.Refused
+		total.Replies += fe.Replies
+		if fe.Requests > 0 || fe.Refused > 0 {
+			each = append(each, fmt.Sprintf("%s %d", fe.Name, fe.Requests))
+		}
+	}
+	byFrontEnd := ""
+	if len(each) > 1 || len(each) == 1 && !strings.HasPrefix(each[0], "qmail ") {
+		byFrontEnd = " (" + strings.Join(each, ", ") + ")"
+	}
 	lost := ""
 	if st.StdoutLinesLost+st.StderrLinesLost > 0 {
 		lost = fmt.Sprintf("; log lines lost: %d on stdout, %d on stderr", st.StdoutLinesLost, st.StderrLinesLost)
 	}
-	d.log.Infof("stopped: %d requests, %d malformed, %d refused, %d replies%s",
-		q.Requests, q.Malformed, q.Refused, q.Replies, lost)
+	d.log.Infof("stopped: %d requests%s, %d malformed, %d refused, %d replies%s",
+		total.Requests, byFrontEnd, total.Malformed, total.Refused, total.Replies, lost)
 	d.errSink.flush(logFlushTimeout)
 	d.lock.Close()
 	if saveErr != nil {

@@ -339,3 +339,22 @@ func TestListSaveCommandsCoalesce(t *testing.T) {
 	}
 	t.Logf("%d saves for %d save commands in 7 s", saves.Load(), answered.Load())
 }
+
+// TestStopLineCountsEveryFrontEnd checks the shutdown line: the requests
+// of every front end, in all and by front end.
+func TestStopLineCountsEveryFrontEnd(t *testing.T) {
+	td, path := startListDaemon(t, newFakeClock(), nil)
+	conn := dial(t, td.addr)
+	for i := range 2 {
+		exchange(t, conn, req("192.0.2.1", alice, fmt.Sprintf("r%d@x", i)), 5*time.Second)
+	}
+	for i := range 3 {
+		askSocket(t, path, fmt.Sprintf("update x%d", i), true)
+	}
+	if err := td.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if want := "greydaemon: stopped: 5 requests (qmail 2, greylistd 3), 0 malformed, 0 refused, 5 replies\n"; !strings.Contains(td.errOut.String(), want) {
+		t.Errorf("no %q in:\n%s", want, td.errOut.String())
+	}
+}

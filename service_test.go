@@ -611,3 +611,38 @@ func TestReloadResetsSaveTimer(t *testing.T) {
 		}
 	}
 }
+
+// TestWhitelistWarningsOnce reloads a whitelist with a line that draws a
+// warning: the warning is logged at start and not again at each reload;
+// a new such line is warned about at the reload that finds it.
+func TestWhitelistWarningsOnce(t *testing.T) {
+	dir := t.TempDir()
+	wl := filepath.Join(dir, "whitelist")
+	os.WriteFile(wl, []byte("198.18.0.0/15 backup relays\n"), 0o644)
+	conf := writeConfig(t, dir, fmt.Sprintf("whitelist = %q", wl))
+	reloaded := make(chan error, 1)
+	td := startTestDaemon(t, fromArgs("-c", conf), newFakeClock().now, func(d *daemon) {
+		d.onReload = func(err error) { reloaded <- err }
+	})
+	reload := func() {
+		t.Helper()
+		td.signals <- syscall.SIGHUP
+		if err := <-reloaded; err != nil {
+			t.Fatal(err)
+		}
+	}
+	reload()
+	reload()
+	first := wl + ":1: ignoring the words after"
+	if n := strings.Count(td.errOut.String(), first); n != 1 {
+		t.Errorf("the warning for line 1 was logged %d times over a start and two reloads, want once:\n%s", n, td.errOut.String())
+	}
+	os.WriteFile(wl, []byte("198.18.0.0/15 backup relays\n203.0.113.0/24 partner\n"), 0o644)
+	reload()
+	if n := strings.Count(td.errOut.String(), wl+":2: ignoring the words after"); n != 1 {
+		t.Errorf("the new line's warning was logged %d times, want once:\n%s", n, td.errOut.String())
+	}
+	if n := strings.Count(td.errOut.String(), first); n != 1 {
+		t.Errorf("line 1's warning repeated after a change elsewhere:\n%s", td.errOut.String())
+	}
+}
