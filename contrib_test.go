@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -178,4 +179,44 @@ func configKeys() []string {
 		keys = append(keys, ct.Field(i).Tag.Get("toml"))
 	}
 	return keys
+}
+
+// TestPrometheusRules checks contrib/prometheus/greydaemon.rules.yml with
+// the real promtool: the file passes `promtool check rules`, and a unit
+// test (`promtool test rules`) shows GreydaemonNotSaving quiet through the
+// first hour after a restart, before any save (the rule suggested before
+// fired at once then: the timestamp is 0), and firing once the daemon has
+// run an hour without a save.
+func TestPrometheusRules(t *testing.T) {
+	promtool := requireTool(t, "promtool", "prometheus")
+	rules, _ := filepath.Abs("contrib/prometheus/greydaemon.rules.yml")
+	if out, err := exec.Command(promtool, "check", "rules", rules).CombinedOutput(); err != nil {
+		t.Fatalf("promtool check rules: %v\n%s", err, out)
+	}
+	tests := filepath.Join(t.TempDir(), "tests.yml")
+	os.WriteFile(tests, []byte(fmt.Sprintf(`rule_files: [%q]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # A daemon (re)started at 100 minutes, not saved since: its last
+      # save's timestamp is 0, as before any first save.
+      - series: 'greydaemon_snapshot_last_success_timestamp_seconds{instance="a",job="g"}'
+        values: '0x200'
+      - series: 'process_start_time_seconds{instance="a",job="g"}'
+        values: '6000x200'
+    alert_rule_test:
+      - eval_time: 110m
+        alertname: GreydaemonNotSaving
+        exp_alerts: []
+      - eval_time: 175m
+        alertname: GreydaemonNotSaving
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: a, job: g}
+            exp_annotations:
+              summary: "greydaemon on a has not saved its state for over an hour"
+`, rules)), 0o644)
+	if out, err := exec.Command(promtool, "test", "rules", tests).CombinedOutput(); err != nil {
+		t.Errorf("promtool test rules: %v\n%s", err, out)
+	}
 }

@@ -770,6 +770,14 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
 	st.BadLinesNotLogged = d.dlog.dropped()
 	st.StdoutLinesLost, st.StderrLinesLost = d.outSink.lost.Load(), d.errSink.lost.Load()
+	if d.list != nil && d.list.book != nil {
+		st.HasList = true
+		for c := range d.list.book.answered {
+			for l := range d.list.book.answered[c] {
+				st.ListAnswers[c][l] = d.list.book.answered[c][l].Load()
+			}
+		}
+	}
 	if r := d.remote; r != nil {
 		st.Redis, st.RedisUp = true, r.client.Load() != nil && !r.down.Load()
 		st.RedisCalls, st.RedisFailures, st.Fallbacks = r.calls.Load(), r.failures.Load(), r.fallbacks.Load()

@@ -104,7 +104,7 @@ func TestDurationsRoundUpAndLongOnes(t *testing.T) {
 	}
 	long := filepath.Join(dir, "long.toml")
 	os.WriteFile(long, []byte("\nknown_ip_lifetime = \"40000d\"\n"), 0o644)
-	if _, err := parseCommandLine([]string{"-c", long}); err == nil || !strings.Contains(err.Error(), long+":2: duration \"40000d\" is too long") {
+	if _, err := parseCommandLine([]string{"-c", long}); err == nil || !strings.Contains(err.Error(), long+":2: known_ip_lifetime: duration \"40000d\" is too long") {
 		t.Errorf("40000d: %v", err)
 	}
 }

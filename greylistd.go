@@ -202,7 +202,9 @@ func listKeyOf(data []byte) listKey { return listKey(xxh3.Hash128(data).Bytes())
 type listBook struct {
 	g     *Greylister // its table, clock and limits
 	added [listBlack + 1]atomic.Uint64
-	start atomic.Int64 // unix time the statistics start
+	// answered counts answers by command and list (0: none), for metrics.
+	answered [numListCommands][listBlack + 1]atomic.Uint64
+	start    atomic.Int64 // unix time the statistics start
 	// save, if set, writes a snapshot now (the save command).
 	save func() error
 	// remote, if set, holds the entries instead of the table (Redis
@@ -237,12 +239,15 @@ func (b *listBook) answer(dst []byte, r *listRequest, parseErr string) []byte {
 		return b.add(dst, r, now)
 	case cmdDelete:
 		state := b.delete(listKeyOf(r.dataBytes()), now)
+		b.answered[cmdDelete][state].Add(1)
 		if state == 0 {
 			return append(dst, "error: Not found"...)
 		}
 		return append(append(append(dst, "Removed from "...), state.String()...), "list"...)
 	case cmdStatus:
-		return append(dst, b.status(listKeyOf(r.dataBytes()), now).String()...) // "unseen" for none
+		state := b.status(listKeyOf(r.dataBytes()), now)
+		b.answered[cmdStatus][state].Add(1)
+		return append(dst, state.String()...) // "unseen" for none
 	case cmdStats:
 		return b.stats(dst, now)
 	case cmdMrtg:
@@ -297,6 +302,11 @@ func (b *listBook) check(dst []byte, r *listRequest, now uint32, update bool) []
 		old, found := b.g.table.lookupList(k, now, exp)
 		state = currentList(old, found, now, p.ListRetryMin)
 	}
+	cmd := cmdCheck
+	if update {
+		cmd = cmdUpdate
+	}
+	b.answered[cmd][state].Add(1)
 	switch {
 	case truth == 0:
 		return append(dst, state.String()...)
@@ -358,6 +368,7 @@ func (b *listBook) add(dst []byte, r *listRequest, now uint32) []byte {
 	if moved {
 		b.added[state].Add(1)
 	}
+	b.answered[cmdAdd][state].Add(1)
 	return append(append(append(dst, "Added to "...), state.String()...), "list"...)
 }
 

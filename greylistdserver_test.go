@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -356,5 +357,48 @@ func TestStopLineCountsEveryFrontEnd(t *testing.T) {
 	}
 	if want := "greydaemon: stopped: 5 requests (qmail 2, greylistd 3), 0 malformed, 0 refused, 5 replies\n"; !strings.Contains(td.errOut.String(), want) {
 		t.Errorf("no %q in:\n%s", want, td.errOut.String())
+	}
+}
+
+// TestListMetrics checks the greylistd socket's metrics: its answers by
+// command and list, its requests, and no qmail-style decision series for
+// it (they cannot happen); and, where promtool is installed, that the
+// whole endpoint's text passes `promtool check metrics`.
+func TestListMetrics(t *testing.T) {
+	td, path := startListDaemon(t, newFakeClock(), func(c *Config) { c.MetricsListen = "127.0.0.1:0" })
+	for _, r := range []string{"update a", "update b", "update a", "add --black c", "delete nothing", "status c", "status d", "check --white a"} {
+		askSocket(t, path, r, true)
+	}
+	text := scrape(t, td.addrs["metrics"])
+	for series, want := range map[string]float64{
+		`greydaemon_greylistd_answers_total{command="update",list="grey"}`:  3,
+		`greydaemon_greylistd_answers_total{command="update",list="white"}`: 0,
+		`greydaemon_greylistd_answers_total{command="add",list="black"}`:    1,
+		`greydaemon_greylistd_answers_total{command="delete",list="none"}`:  1,
+		`greydaemon_greylistd_answers_total{command="status",list="black"}`: 1,
+		`greydaemon_greylistd_answers_total{command="status",list="none"}`:  1,
+		`greydaemon_greylistd_answers_total{command="check",list="grey"}`:   1,
+		`greydaemon_requests_total{frontend="greylistd"}`:                   8,
+		`greydaemon_entries{table="greylistd"}`:                             3,
+	} {
+		if got := metricValue(text, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+	if strings.Contains(text, `greydaemon_decisions_total{action="accept",frontend="greylistd"`) {
+		t.Errorf("decision series for the greylistd front end, which cannot have them")
+	}
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		if os.Getenv(requireToolsEnv) != "" {
+			t.Fatalf("promtool is not installed (apt-get install prometheus), and %s is set", requireToolsEnv)
+		}
+		t.Log("promtool is not installed (apt-get install prometheus): the metrics text is not linted")
+		return
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = strings.NewReader(text)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }

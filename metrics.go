@@ -128,6 +128,8 @@ var (
 		"Malformed-request log lines left out by the rate limit.", nil, nil)
 	descLogLost = prometheus.NewDesc("greydaemon_log_lines_lost_total",
 		"Log lines that could not be written (a closed pipe, a full disk), by stream.", []string{"stream"}, nil)
+	descListAnswers = prometheus.NewDesc("greydaemon_greylistd_answers_total",
+		"Answers of the greylistd socket, by command and by the list answered (none: unseen, or not found).", []string{"command", "list"}, nil)
 	descRedisUp = prometheus.NewDesc("greydaemon_redis_up",
 		"1 if Redis answered the last call, 0 if decisions go to redis_fallback; absent without Redis.", nil, nil)
 	descRedisCalls = prometheus.NewDesc("greydaemon_redis_calls_total",
@@ -147,7 +149,7 @@ type statsCollector struct {
 func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
-		descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
+		descListAnswers, descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
 		descReloads, descLogDropped, descLogLost, descRedisUp, descRedisCalls, descFallbacks, descBuild,
 	} {
@@ -172,6 +174,9 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(descReplies, fe.Replies, fe.Name)
 		counter(descIOErrors, fe.ReadErrors, fe.Name, "read")
 		counter(descIOErrors, fe.WriteErrors, fe.Name, "write")
+		if !fe.Decides {
+			continue
+		}
 		for i, v := range verdicts {
 			action := "greylist"
 			if v.Accepts() {
@@ -202,6 +207,20 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descLogDropped, st.BadLinesNotLogged)
 	counter(descLogLost, st.StdoutLinesLost, "stdout")
 	counter(descLogLost, st.StderrLinesLost, "stderr")
+	if st.HasList {
+		for _, cmd := range []listCommand{cmdUpdate, cmdCheck, cmdAdd, cmdDelete, cmdStatus} {
+			for list := range listBlack + 1 {
+				if list == 0 && cmd != cmdDelete && cmd != cmdStatus {
+					continue // update, check and add always answer a list
+				}
+				name := "none"
+				if list != 0 {
+					name = list.String()
+				}
+				counter(descListAnswers, st.ListAnswers[cmd][list], listCommandNames[cmd], name)
+			}
+		}
+	}
 	if st.Redis {
 		up := 0.0
 		if st.RedisUp {

@@ -230,6 +230,7 @@ func (p *policyServer) Close() error { return p.conns.close(p.ln) }
 
 // UpdateStats adds what the server did so far to st.
 func (p *policyServer) UpdateStats(st *FrontEndStats) {
+	st.Decides = true
 	for i := range p.stripes {
 		c := &p.stripes[i]
 		st.Requests += c.requests.Load()

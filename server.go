@@ -126,6 +126,7 @@ func (s *server) Addr() net.Addr { return s.conns[0].LocalAddr() }
 
 // UpdateStats adds what the server did so far to st.
 func (s *server) UpdateStats(st *FrontEndStats) {
+	st.Decides = true
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, w := range s.workers {

@@ -29,18 +29,24 @@ type Stats struct {
 	Redis                                bool   // decisions go to Redis
 	RedisUp                              bool   // the last call answered
 	RedisCalls, RedisFailures, Fallbacks uint64 // calls, failed calls, requests decided by redis_fallback
+
+	// ListAnswers counts the greylistd socket's answers by command and by
+	// the list answered (0: none), when HasList.
+	HasList     bool
+	ListAnswers [numListCommands][listBlack + 1]uint64
 }
 
 // FrontEndStats counts what one front end did.
 type FrontEndStats struct {
 	Name        string
-	Requests    uint64 // requests received
-	Malformed   uint64 // requests that could not be decided and got no reply
-	Refused     uint64 // requests from outside the allow list, dropped
-	Replies     uint64 // replies sent
-	ReadErrors  uint64 // failed reads
-	WriteErrors uint64 // replies that could not be sent
-	Verdicts    [numVerdicts]uint64
+	Requests    uint64              // requests received
+	Malformed   uint64              // requests that could not be decided and got no reply
+	Refused     uint64              // requests from outside the allow list, dropped
+	Replies     uint64              // replies sent
+	ReadErrors  uint64              // failed reads
+	WriteErrors uint64              // replies that could not be sent
+	Verdicts    [numVerdicts]uint64 // by verdict, for a front end that Decides
+	Decides     bool                // it answers with qmail's verdicts (qmail, Postfix)
 }
 
 // A statsReporter is a front end that counts what it does.
