@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -10,6 +11,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // This file checks the files shipped beside the binary: the systemd units,
@@ -218,5 +221,42 @@ tests:
 `, rules)), 0o644)
 	if out, err := exec.Command(promtool, "test", "rules", tests).CombinedOutput(); err != nil {
 		t.Errorf("promtool test rules: %v\n%s", err, out)
+	}
+}
+
+// TestGrafanaDashboard reads contrib/grafana/greydaemon.json: it is JSON
+// with panels, and every greydaemon_ metric its queries name is one the
+// daemon serves (histogram series by their family's name).
+func TestGrafanaDashboard(t *testing.T) {
+	var dash struct {
+		Panels []struct {
+			Title   string
+			Targets []struct{ Expr string }
+		}
+	}
+	if err := json.Unmarshal(mustRead(t, "contrib/grafana/greydaemon.json"), &dash); err != nil {
+		t.Fatalf("contrib/grafana/greydaemon.json: %v", err)
+	}
+	if len(dash.Panels) == 0 {
+		t.Fatal("no panels")
+	}
+	served := map[string]bool{}
+	ch := make(chan *prometheus.Desc, 64)
+	go func() { (&statsCollector{}).Describe(ch); close(ch) }()
+	for d := range ch {
+		if m := regexp.MustCompile(`fqName: "([a-z_]+)"`).FindStringSubmatch(d.String()); m != nil {
+			served[m[1]] = true
+		}
+	}
+	name := regexp.MustCompile(`greydaemon_[a-z_]+`)
+	for _, p := range dash.Panels {
+		for _, target := range p.Targets {
+			for _, m := range name.FindAllString(target.Expr, -1) {
+				family := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(m, "_bucket"), "_count"), "_sum")
+				if !served[family] {
+					t.Errorf("panel %q queries %s, which greydaemon does not serve", p.Title, m)
+				}
+			}
+		}
 	}
 }

@@ -770,6 +770,7 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.Reloads, st.ReloadFailures = d.reloads.Load(), d.reloadFailures.Load()
 	st.BadLinesNotLogged = d.dlog.dropped()
 	st.StdoutLinesLost, st.StderrLinesLost = d.outSink.lost.Load(), d.errSink.lost.Load()
+	st.RetryDelays, st.RetryDelayCount, st.RetryDelaySum = d.g.retryDelays.snapshot()
 	if d.list != nil && d.list.book != nil {
 		st.HasList = true
 		for c := range d.list.book.answered {

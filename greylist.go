@@ -132,6 +132,9 @@ type Greylister struct {
 	// remote, if set, decides in a store shared with other daemons
 	// (Redis, redis.go).
 	remote remoteDecider
+	// retryDelays counts, for each retry that passed, how long after the
+	// first attempt it came.
+	retryDelays delayHistogram
 }
 
 // A remoteDecider decides requests in a store shared with other daemons.
@@ -346,7 +349,9 @@ func (g *Greylister) checkRecipient(kb *keyBuilder, c Client, s Sender, rcpt []b
 		return rcptTooSoon, age(now, first)
 	case greyRetryOK:
 		g.table.markKnown(c.key, now, exp)
-		return rcptRetryOK, age(now, first)
+		a := age(now, first)
+		g.retryDelays.observe(a)
+		return rcptRetryOK, a
 	case greyStale:
 		return rcptStale, 0
 	default:
@@ -418,6 +423,9 @@ func (g *Greylister) prepareRemote(kb *keyBuilder, r *remoteRequest, c Client, s
 // answer and the fallback is to decide locally.
 func (g *Greylister) finishRemote(r *remoteRequest) (Verdict, uint32, bool) {
 	if r.err == nil {
+		if r.verdict == AcceptRetried && len(r.triplets) > 0 {
+			g.retryDelays.observe(r.age)
+		}
 		return r.verdict, r.age, true
 	}
 	v, ok := g.remote.fallbackVerdict()

@@ -128,6 +128,8 @@ var (
 		"Malformed-request log lines left out by the rate limit.", nil, nil)
 	descLogLost = prometheus.NewDesc("greydaemon_log_lines_lost_total",
 		"Log lines that could not be written (a closed pipe, a full disk), by stream.", []string{"stream"}, nil)
+	descRetryDelay = prometheus.NewDesc("greydaemon_retry_delay_seconds",
+		"Delay from a triplet's first attempt to the retry that passed: what greylisting costs the mail that gets through.", nil, nil)
 	descListAnswers = prometheus.NewDesc("greydaemon_greylistd_answers_total",
 		"Answers of the greylistd socket, by command and by the list answered (none: unseen, or not found).", []string{"command", "list"}, nil)
 	descRedisUp = prometheus.NewDesc("greydaemon_redis_up",
@@ -149,7 +151,7 @@ type statsCollector struct {
 func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
-		descListAnswers, descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
+		descListAnswers, descRetryDelay, descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
 		descReloads, descLogDropped, descLogLost, descRedisUp, descRedisCalls, descFallbacks, descBuild,
 	} {
@@ -207,6 +209,7 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descLogDropped, st.BadLinesNotLogged)
 	counter(descLogLost, st.StdoutLinesLost, "stdout")
 	counter(descLogLost, st.StderrLinesLost, "stderr")
+	ch <- prometheus.MustNewConstHistogram(descRetryDelay, st.RetryDelayCount, st.RetryDelaySum, st.RetryDelays)
 	if st.HasList {
 		for _, cmd := range []listCommand{cmdUpdate, cmdCheck, cmdAdd, cmdDelete, cmdStatus} {
 			for list := range listBlack + 1 {

@@ -646,3 +646,34 @@ func TestWhitelistWarningsOnce(t *testing.T) {
 		t.Errorf("line 1's warning repeated after a change elsewhere:\n%s", td.errOut.String())
 	}
 }
+
+// TestRetryDelayHistogram checks greydaemon_retry_delay_seconds: a retry
+// that passes six minutes after the first attempt is counted in the
+// 600-second bucket and not the 300-second one, with its seconds in the
+// sum; a retry too soon and a new triplet are not counted.
+func TestRetryDelayHistogram(t *testing.T) {
+	cfg := defaultConfig()
+	cfg.MetricsListen = "127.0.0.1:0"
+	clock := newFakeClock()
+	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
+	conn := dial(t, td.addr)
+	exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second)
+	clock.advance(time.Minute)
+	exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second) // too soon
+	clock.advance(5 * time.Minute)
+	if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{1, 3}) {
+		t.Fatalf("retry: %x", got)
+	}
+	text := scrape(t, td.addrs["metrics"])
+	for series, want := range map[string]float64{
+		`greydaemon_retry_delay_seconds_bucket{le="300"}`:  0,
+		`greydaemon_retry_delay_seconds_bucket{le="600"}`:  1,
+		`greydaemon_retry_delay_seconds_bucket{le="+Inf"}`: 1,
+		`greydaemon_retry_delay_seconds_sum`:               360,
+		`greydaemon_retry_delay_seconds_count`:             1,
+	} {
+		if got := metricValue(text, series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+}

@@ -30,6 +30,13 @@ type Stats struct {
 	RedisUp                              bool   // the last call answered
 	RedisCalls, RedisFailures, Fallbacks uint64 // calls, failed calls, requests decided by redis_fallback
 
+	// RetryDelays is the histogram of the delays from a first attempt to
+	// the retry that passed: cumulative counts by upper bound in seconds,
+	// their count and their sum.
+	RetryDelays     map[float64]uint64
+	RetryDelayCount uint64
+	RetryDelaySum   float64
+
 	// ListAnswers counts the greylistd socket's answers by command and by
 	// the list answered (0: none), when HasList.
 	HasList     bool
