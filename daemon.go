@@ -772,8 +772,9 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.StdoutLinesLost, st.StderrLinesLost = d.outSink.lost.Load(), d.errSink.lost.Load()
 	st.RetryDelays, st.RetryDelayCount, st.RetryDelaySum = d.g.retryDelays.snapshot()
 	if d.list != nil && d.list.book != nil {
-		st.HasList = true
+		st.ListAnswers = make([][]uint64, len(d.list.book.answered))
 		for c := range d.list.book.answered {
+			st.ListAnswers[c] = make([]uint64, len(d.list.book.answered[c]))
 			for l := range d.list.book.answered[c] {
 				st.ListAnswers[c][l] = d.list.book.answered[c][l].Load()
 			}

@@ -210,7 +210,7 @@ func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descLogLost, st.StdoutLinesLost, "stdout")
 	counter(descLogLost, st.StderrLinesLost, "stderr")
 	ch <- prometheus.MustNewConstHistogram(descRetryDelay, st.RetryDelayCount, st.RetryDelaySum, st.RetryDelays)
-	if st.HasList {
+	if st.ListAnswers != nil {
 		for _, cmd := range []listCommand{cmdUpdate, cmdCheck, cmdAdd, cmdDelete, cmdStatus} {
 			for list := range listBlack + 1 {
 				if list == 0 && cmd != cmdDelete && cmd != cmdStatus {

@@ -37,10 +37,9 @@ type Stats struct {
 	RetryDelayCount uint64
 	RetryDelaySum   float64
 
-	// ListAnswers counts the greylistd socket's answers by command and by
-	// the list answered (0: none), when HasList.
-	HasList     bool
-	ListAnswers [numListCommands][listBlack + 1]uint64
+	// ListAnswers counts the greylistd socket's answers, by command and
+	// then by the list answered (0: none); nil without the socket.
+	ListAnswers [][]uint64
 }
 
 // FrontEndStats counts what one front end did.
