@@ -12,7 +12,7 @@ import (
 	"time"
 )
 
-// This file holds tests for claims the README makes that no other test
+// This file holds tests for claims the docs make that no other test
 // held: each one fails if the behaviour it names is removed or weakened.
 
 // TestTimerSaveAndLogFlush runs the daemon in a child process with a save

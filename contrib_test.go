@@ -166,10 +166,10 @@ func TestManPage(t *testing.T) {
 			t.Errorf("the man page does not mention %q", want)
 		}
 	}
-	readme, _ := os.ReadFile("README.md")
+	doc, _ := os.ReadFile("docs/configuration.md")
 	for _, key := range configKeys() {
-		if !bytes.Contains(readme, []byte("`"+key+"`")) {
-			t.Errorf("README.md does not document the key %q", key)
+		if !bytes.Contains(doc, []byte("`"+key+"`")) {
+			t.Errorf("docs/configuration.md does not document the key %q", key)
 		}
 	}
 }

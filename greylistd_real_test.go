@@ -152,7 +152,7 @@ func TestRealExim(t *testing.T) {
 	dir := worldDir(t)
 	sock := filepath.Join(dir, "greylistd.sock")
 	clock := newFakeClock()
-	// Debian-exim reaches the socket through its group, as the README
+	// Debian-exim reaches the socket through its group, as docs/exim.md
 	// says to set it up (greylistd_socket_group); without root, through a
 	// mode open to all.
 	root := os.Geteuid() == 0
@@ -443,7 +443,7 @@ func listConfig(edit func(*Config), sock string) Config {
 }
 
 // TestRealGreylistdMigration moves a real greylistd's entries to greydaemon
-// with import-greylistd, as the README's steps say: stop greylistd (it
+// with import-greylistd, as docs/exim.md says: stop greylistd (it
 // saves), import its files, start greydaemon.
 func TestRealGreylistdMigration(t *testing.T) {
 	dir := t.TempDir()

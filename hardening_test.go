@@ -19,7 +19,7 @@ import (
 )
 
 // This file holds the regression tests for faults found by trying to break
-// the daemon (see the Reliability section of the README).
+// the daemon (see the Reliability section of docs/design.md).
 
 // stopChild sends SIGTERM to a child daemon and returns its exit error.
 func stopChild(t *testing.T, c *childDaemon) error {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the README's Performance figures on this machine: greydaemon
+# Reproduces the Performance figures of docs/performance.md on this machine: greydaemon
 # beside the null responders under the same load, in one run, three times
 # each, alternating; then the latency at half the rate, and memory per
 # triplet. Prints medians. Everything runs on 127.0.0.1 and stops by itself.
