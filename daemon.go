@@ -138,26 +138,82 @@ func (d *daemon) open(set *Settings) error {
 	if d.oneProcessor {
 		d.log.Infof("redis: running Go on one processor, as suits a daemon waiting for round trips (the GOMAXPROCS variable overrides it)")
 	}
-	if err := checkStateDir(set.StateFile); err != nil {
-		return fmt.Errorf("%s: %w", set.Source.describe("state_file"), err)
-	}
-	// Before privileges are dropped, files in directories the -u user
-	// may write are created as that user (see asuser.go).
-	owner, err := fileOwnerFor(set.User)
-	if err != nil {
-		return fmt.Errorf("%s: %w", set.Source.describe("user"), err)
-	}
-	lock, err := lockStateFile(set.StateFile, owner)
+	owner, err := d.takeLock(set)
 	if err != nil {
 		return err
 	}
-	d.lock = lock
+	if err := d.bindFrontEnds(set, owner); err != nil {
+		return err
+	}
+	d.warnIfOpen(set)
+	if set.User != "" {
+		if err := dropPrivileges(set.User); err != nil {
+			return err
+		}
+	} else if os.Geteuid() == 0 {
+		d.log.Warnf("running as root; use -u to switch to an unprivileged user")
+	}
+	if err := d.loadAll(set); err != nil {
+		return err
+	}
+	d.connectFrontEnds(set)
+	return nil
+}
 
+// takeLock checks the state file's directory and takes its lock, and
+// returns who files are created as before privileges are dropped: the -u
+// user, when started as root (see asuser.go).
+func (d *daemon) takeLock(set *Settings) (*fileOwner, error) {
+	if err := checkStateDir(set.StateFile); err != nil {
+		return nil, fmt.Errorf("%s: %w", set.Source.describe("state_file"), err)
+	}
+	owner, err := fileOwnerFor(set.User)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", set.Source.describe("user"), err)
+	}
+	if d.lock, err = lockStateFile(set.StateFile, owner); err != nil {
+		return nil, err
+	}
+	return owner, nil
+}
+
+// bindFrontEnds binds every front end's sockets, or takes those the service
+// manager passed, creating unix sockets as owner.
+func (d *daemon) bindFrontEnds(set *Settings, owner *fileOwner) error {
 	passed, err := takePassedSockets()
 	if err != nil {
 		return err
 	}
 	defer passed.closeAll() // any not taken
+	if err := d.bindQmail(set, passed); err != nil {
+		return err
+	}
+	if set.PolicyListen != "" {
+		if err := d.bindPolicy(set, owner, passed); err != nil {
+			return err
+		}
+	}
+	if set.GreylistdListen != "" {
+		if err := d.bindGreylistd(set, owner, passed); err != nil {
+			return err
+		}
+	}
+	for _, ln := range passed.streams {
+		d.log.Warnf("the service manager passed the socket %s, which no front end is configured for (greylistd_listen, policy_listen); closing it", ln.Addr())
+	}
+	if set.MetricsListen != "" {
+		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
+		if err != nil {
+			return fmt.Errorf("%s: %w", set.Source.describe("metrics_listen"), err)
+		}
+		d.metrics = ms
+		d.frontEnds = append(d.frontEnds, ms)
+	}
+	return nil
+}
+
+// bindQmail binds the qmail front end's UDP sockets, or takes those passed.
+func (d *daemon) bindQmail(set *Settings, passed *passedSockets) error {
 	conns, activated, err := openQmailSockets(set.ListenAddr, passed)
 	if err != nil {
 		return fmt.Errorf("%s: %w", set.Source.describe("listen"), err)
@@ -172,54 +228,51 @@ func (d *daemon) open(set *Settings) error {
 			d.log.Warnf("cannot enlarge the socket receive buffer: %v", err)
 		}
 	}
-	if set.PolicyListen != "" {
-		var ln net.Listener
-		var unixPath string
-		path, isUnix := strings.CutPrefix(set.PolicyListen, "unix:")
-		if l := passed.takeUnix(path); isUnix && l != nil {
-			ln = l
-			d.log.Infof("policy_listen: using the socket %s passed by the service manager", path)
-		} else if ln, unixPath, err = d.listenPolicy(set, owner); err != nil {
-			return err
-		}
-		d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections)}
-		d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
-		d.frontEnds = append(d.frontEnds, d.policy)
-	}
-	if set.GreylistdListen != "" {
-		// A socket the service manager passed stays its file: greydaemon
-		// neither changes its owner nor removes it at the end.
-		ln, path := passed.takeUnix(set.GreylistdListen), ""
-		if ln != nil {
-			d.log.Infof("greylistd_listen: using the socket %s passed by the service manager", set.GreylistdListen)
-		} else if ln, err = d.listenGreylistd(set, owner); err != nil {
-			return err
-		} else {
-			path = set.GreylistdListen
-		}
-		d.list = newListServer(nil, ln, path, d.log, nil, listMaxConnections)
-		d.frontEnds = append(d.frontEnds, d.list)
-	}
-	for _, ln := range passed.streams {
-		d.log.Warnf("the service manager passed the socket %s, which no front end is configured for (greylistd_listen, policy_listen); closing it", ln.Addr())
-	}
-	if set.MetricsListen != "" {
-		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
-		if err != nil {
-			return fmt.Errorf("%s: %w", set.Source.describe("metrics_listen"), err)
-		}
-		d.metrics = ms
-		d.frontEnds = append(d.frontEnds, ms)
-	}
-	d.warnIfOpen(set)
+	return nil
+}
 
-	if set.User != "" {
-		if err := dropPrivileges(set.User); err != nil {
+// bindPolicy binds policy_listen, or takes the unix socket passed for it.
+func (d *daemon) bindPolicy(set *Settings, owner *fileOwner, passed *passedSockets) error {
+	var ln net.Listener
+	var unixPath string
+	path, isUnix := strings.CutPrefix(set.PolicyListen, "unix:")
+	if l := passed.takeUnix(path); isUnix && l != nil {
+		ln = l
+		d.log.Infof("policy_listen: using the socket %s passed by the service manager", path)
+	} else {
+		var err error
+		if ln, unixPath, err = d.listenPolicy(set, owner); err != nil {
 			return err
 		}
-	} else if os.Geteuid() == 0 {
-		d.log.Warnf("running as root; use -u to switch to an unprivileged user")
 	}
+	d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections)}
+	d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
+	d.frontEnds = append(d.frontEnds, d.policy)
+	return nil
+}
+
+// bindGreylistd binds greylistd_listen, or takes the socket passed for
+// it. A passed socket stays the service manager's file: greydaemon neither
+// changes its owner nor removes it at the end.
+func (d *daemon) bindGreylistd(set *Settings, owner *fileOwner, passed *passedSockets) error {
+	ln, path := passed.takeUnix(set.GreylistdListen), ""
+	if ln != nil {
+		d.log.Infof("greylistd_listen: using the socket %s passed by the service manager", set.GreylistdListen)
+	} else {
+		var err error
+		if ln, err = d.listenGreylistd(set, owner); err != nil {
+			return err
+		}
+		path = set.GreylistdListen
+	}
+	d.list = newListServer(nil, ln, path, d.log, nil, listMaxConnections)
+	d.frontEnds = append(d.frontEnds, d.list)
+	return nil
+}
+
+// loadAll, as the user the daemon runs as, checks that it can save, reads
+// the whitelist, loads the state and, in Redis mode, starts connecting.
+func (d *daemon) loadAll(set *Settings) error {
 	if err := checkStateAccess(set.StateFile); err != nil {
 		return err
 	}
@@ -227,7 +280,6 @@ func (d *daemon) open(set *Settings) error {
 	if err != nil {
 		return err
 	}
-
 	if os.Getenv("GOGC") == "" {
 		// The tables hold no pointers, so a collection costs little however
 		// large they are; collecting at 50% growth instead of 100% keeps
@@ -249,23 +301,37 @@ func (d *daemon) open(set *Settings) error {
 	// slowly, so that a restarted daemon held half as much memory again
 	// as one that filled its table by serving. Give them back now.
 	debug.FreeOSMemory()
+	return nil
+}
+
+// connectFrontEnds gives the front ends the Greylister, the decision log
+// and their settings.
+func (d *daemon) connectFrontEnds(set *Settings) {
 	d.dlog = newDecisionLog(d.outSink)
 	d.qmail.g, d.qmail.dlog = d.g, d.dlog
-	d.qmail.allow.Store(set.Allow)
-	if d.metrics != nil {
-		d.metrics.setAllow(set.Allow)
-	}
 	if d.policy != nil {
 		d.policy.g, d.policy.dlog = d.g, d.dlog
-		d.policy.allow.Store(set.Allow)
-		d.policy.replies.Store(policyRepliesOf(set))
 	}
 	if d.list != nil {
 		d.list.book, d.list.dlog = newListBook(d.g), d.dlog
 		d.list.book.save = d.saveForRequest
 		d.list.book.remote = d.remote
 	}
-	return nil
+	d.applyToFrontEnds(set)
+}
+
+// applyToFrontEnds gives the front ends the settings that a reload may
+// change: the allow list, and the policy server's replies and idle timeout.
+func (d *daemon) applyToFrontEnds(set *Settings) {
+	d.qmail.allow.Store(set.Allow)
+	if d.metrics != nil {
+		d.metrics.setAllow(set.Allow)
+	}
+	if d.policy != nil {
+		d.policy.allow.Store(set.Allow)
+		d.policy.replies.Store(policyRepliesOf(set))
+		d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
+	}
 }
 
 // listMaxConnections caps the greylistd socket's open connections: each is
@@ -458,41 +524,10 @@ func (d *daemon) closeOpened() {
 // serve runs the front ends and the background work, handles signals until
 // ctx is done or a stop signal arrives, and then shuts down.
 func (d *daemon) serve(ctx context.Context) error {
-	var frontEnds sync.WaitGroup
-	for _, fe := range d.frontEnds {
-		frontEnds.Go(func() {
-			if err := fe.Serve(); err != nil {
-				d.log.Errorf("%s front end stopped: %v", fe.Name(), err)
-			}
-		})
-	}
-	bg, stopBackground := context.WithCancel(context.Background())
-	var background sync.WaitGroup
-	background.Go(func() {
-		d.g.sweep(bg, time.Minute, func(deleted int) {
-			known, grey := d.table.counts()
-			d.log.Debugf("sweep: %d expired entries dropped; holding %d known IPs and %d grey triplets; %d evicted for the cap so far",
-				deleted, known, grey, d.table.evicted.Load())
-		})
-	})
-
-	addrs := map[string]net.Addr{}
-	for _, fe := range d.frontEnds {
-		addrs[fe.Name()] = fe.Addr()
-		d.log.Infof("listening on %s for %s", fe.Addr(), fe.Name())
-	}
-	d.sdNotify("READY=1\nSTATUS=answering on " + d.qmail.Addr().String())
-	if d.onReady != nil {
-		d.onReady(addrs)
-	}
-
+	frontEnds, stopBackground, background := d.start()
 	ticker := time.NewTicker(d.set.SaveInterval.Duration)
 	defer ticker.Stop()
-	// The greylistd save command's requests wait in waiting for the next
-	// save they may ask for: saveRequestFloor after the last one.
-	var waiting []chan error
-	var floorTimer *time.Timer
-	var lastRequestedSave time.Time
+	var requested saveQueue
 loop:
 	for {
 		select {
@@ -503,56 +538,116 @@ loop:
 		case <-d.saveNow:
 			d.save("request")
 		case reply := <-d.saveRequests:
-			waiting = append(waiting, reply)
-			if floorTimer == nil {
-				floorTimer = time.NewTimer(time.Until(lastRequestedSave.Add(saveRequestFloor)))
-			}
-		case <-floorC(floorTimer):
-			floorTimer = nil
-			// Every request that came since the last such save is
-			// answered by this one: a crowd of clients cannot queue one
-			// save each, nor make saves come oftener than the floor.
-			err := d.save("greylistd save command")
-			lastRequestedSave = time.Now()
-			for _, r := range waiting {
-				r <- err
-			}
-			waiting = waiting[:0]
+			requested.add(reply)
+		case <-requested.due():
+			requested.answer(d.save("greylistd save command"))
 		case sig := <-d.signals:
-			switch sig {
-			case syscall.SIGHUP:
-				d.sdNotify("RELOADING=1\n" + monotonicUsec())
-				if d.reload() == nil {
-					ticker.Reset(d.set.SaveInterval.Duration)
-				}
-				d.sdNotify("READY=1")
-			case syscall.SIGUSR1:
-				d.save("SIGUSR1")
-			default:
-				d.log.Infof("%v: stopping", sig)
+			if d.onSignal(sig, ticker) {
 				break loop
 			}
 		}
 	}
 	close(d.loopDone)
-	for _, r := range waiting {
-		r <- errors.New("greydaemon is stopping; its final save follows")
+	requested.answer(errors.New("greydaemon is stopping; its final save follows"))
+	return d.shutdown(frontEnds, stopBackground, background)
+}
+
+// start starts the front ends and the background work (the sweeper), says
+// where the daemon listens, and tells the service manager it is ready.
+func (d *daemon) start() (frontEnds *sync.WaitGroup, stopBackground func(), background *sync.WaitGroup) {
+	frontEnds, background = &sync.WaitGroup{}, &sync.WaitGroup{}
+	for _, fe := range d.frontEnds {
+		frontEnds.Go(func() {
+			if err := fe.Serve(); err != nil {
+				d.log.Errorf("%s front end stopped: %v", fe.Name(), err)
+			}
+		})
 	}
-	return d.shutdown(&frontEnds, stopBackground, &background)
+	bg, stopBackground := context.WithCancel(context.Background())
+	background.Go(func() {
+		d.g.sweep(bg, time.Minute, func(deleted int) {
+			known, grey := d.table.counts()
+			d.log.Debugf("sweep: %d expired entries dropped; holding %d known IPs and %d grey triplets; %d evicted for the cap so far",
+				deleted, known, grey, d.table.evicted.Load())
+		})
+	})
+	addrs := map[string]net.Addr{}
+	for _, fe := range d.frontEnds {
+		addrs[fe.Name()] = fe.Addr()
+		d.log.Infof("listening on %s for %s", fe.Addr(), fe.Name())
+	}
+	d.sdNotify("READY=1\nSTATUS=answering on " + d.qmail.Addr().String())
+	if d.onReady != nil {
+		d.onReady(addrs)
+	}
+	return frontEnds, stopBackground, background
+}
+
+// onSignal handles a signal: SIGHUP reloads (and restarts the save timer,
+// ticker, with the new interval), SIGUSR1 saves, and any other asks to
+// stop, which it reports.
+func (d *daemon) onSignal(sig os.Signal, ticker *time.Ticker) (stop bool) {
+	switch sig {
+	case syscall.SIGHUP:
+		d.sdNotify("RELOADING=1\n" + monotonicUsec())
+		if d.reload() == nil {
+			ticker.Reset(d.set.SaveInterval.Duration)
+		}
+		d.sdNotify("READY=1")
+	case syscall.SIGUSR1:
+		d.save("SIGUSR1")
+	default:
+		d.log.Infof("%v: stopping", sig)
+		return true
+	}
+	return false
+}
+
+// A saveQueue holds the greylistd save command's requests until the next
+// save they may ask for: saveRequestFloor after the last one. Every request
+// that came meanwhile is answered by that one save, so that a crowd of
+// clients can neither queue one save each nor make saves come oftener than
+// the floor.
+type saveQueue struct {
+	waiting []chan error
+	timer   *time.Timer // set while requests wait
+	last    time.Time   // when the last requested save ended
+}
+
+// add queues the request reply.
+func (q *saveQueue) add(reply chan error) {
+	q.waiting = append(q.waiting, reply)
+	if q.timer == nil {
+		q.timer = time.NewTimer(time.Until(q.last.Add(saveRequestFloor)))
+	}
+}
+
+// due delivers when the waiting requests may be saved; never when none
+// wait.
+func (q *saveQueue) due() <-chan time.Time {
+	if q.timer == nil {
+		return nil
+	}
+	return q.timer.C
+}
+
+// answer answers every waiting request with err, the outcome of the save
+// made for them.
+func (q *saveQueue) answer(err error) {
+	if q.timer != nil {
+		q.timer.Stop()
+	}
+	q.timer, q.last = nil, time.Now()
+	for _, r := range q.waiting {
+		r <- err
+	}
+	q.waiting = q.waiting[:0]
 }
 
 // saveRequestFloor is the shortest time between two saves that the
 // greylistd save command asks for; requests that come sooner wait for the
 // next one, and share it.
 const saveRequestFloor = 5 * time.Second
-
-// floorC returns t's channel, or nil (which never delivers) for no timer.
-func floorC(t *time.Timer) <-chan time.Time {
-	if t == nil {
-		return nil
-	}
-	return t.C
-}
 
 // shutdown stops the daemon in one order: the front ends stop reading and
 // answer what they hold, the background work stops, the final save runs
@@ -658,15 +753,7 @@ func (d *daemon) reload() (err error) {
 		return err
 	}
 	d.g.SetRules(set.Policy, wl)
-	d.qmail.allow.Store(set.Allow)
-	if d.metrics != nil {
-		d.metrics.setAllow(set.Allow)
-	}
-	if d.policy != nil {
-		d.policy.allow.Store(set.Allow)
-		d.policy.replies.Store(policyRepliesOf(set))
-		d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
-	}
+	d.applyToFrontEnds(set)
 	d.log.setDebug(set.Debug)
 	d.set = set
 	d.warnIfOpen(set)

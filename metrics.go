@@ -163,77 +163,103 @@ func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c *statsCollector) Collect(ch chan<- prometheus.Metric) {
 	var st Stats
 	c.updateStats(&st)
-	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
-	}
-	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
-		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
-	}
+	e := metricEmitter(ch)
 	for _, fe := range st.FrontEnds {
-		counter(descRequests, fe.Requests, fe.Name)
-		counter(descMalformed, fe.Malformed, fe.Name)
-		counter(descRefused, fe.Refused, fe.Name)
-		counter(descReplies, fe.Replies, fe.Name)
-		counter(descIOErrors, fe.ReadErrors, fe.Name, "read")
-		counter(descIOErrors, fe.WriteErrors, fe.Name, "write")
-		if !fe.Decides {
-			continue
-		}
-		for i, v := range verdicts {
-			action := "greylist"
-			if v.Accepts() {
-				action = "accept"
-			}
-			counter(descDecisions, fe.Verdicts[i], fe.Name, action, v.Reason(), fmt.Sprintf("%04x", uint16(v)))
-		}
+		e.frontEnd(&fe)
 	}
-	gauge(descEntries, float64(st.KnownIPs), "known_ip")
-	gauge(descEntries, float64(st.GreyTriplets), "grey")
-	gauge(descEntries, float64(st.ListEntries), "greylistd")
-	gauge(descMaxEntries, float64(st.MaxEntries))
-	counter(descEvictions, st.Evictions)
-	counter(descExpirations, st.Expirations)
-	counter(descClamped, st.FutureTimesClamped)
-	counter(descSaves, st.Saves)
-	counter(descSaveFailures, st.SaveFailures)
-	gauge(descSaveDuration, st.LastSaveDuration.Seconds())
-	gauge(descSaveSize, float64(st.LastSaveBytes))
+	e.table(&st)
+	e.counter(descSaves, st.Saves)
+	e.counter(descSaveFailures, st.SaveFailures)
+	e.gauge(descSaveDuration, st.LastSaveDuration.Seconds())
+	e.gauge(descSaveSize, float64(st.LastSaveBytes))
 	lastSave := 0.0
 	if !st.LastSave.IsZero() {
 		lastSave = float64(st.LastSave.UnixNano()) / 1e9
 	}
-	gauge(descSaveTime, lastSave)
-	gauge(descLoad, st.LoadDuration.Seconds())
-	counter(descReloads, st.Reloads, "success")
-	counter(descReloads, st.ReloadFailures, "failure")
-	counter(descLogDropped, st.BadLinesNotLogged)
-	counter(descLogLost, st.StdoutLinesLost, "stdout")
-	counter(descLogLost, st.StderrLinesLost, "stderr")
+	e.gauge(descSaveTime, lastSave)
+	e.gauge(descLoad, st.LoadDuration.Seconds())
+	e.counter(descReloads, st.Reloads, "success")
+	e.counter(descReloads, st.ReloadFailures, "failure")
+	e.counter(descLogDropped, st.BadLinesNotLogged)
+	e.counter(descLogLost, st.StdoutLinesLost, "stdout")
+	e.counter(descLogLost, st.StderrLinesLost, "stderr")
 	ch <- prometheus.MustNewConstHistogram(descRetryDelay, st.RetryDelayCount, st.RetryDelaySum, st.RetryDelays)
-	if st.ListAnswers != nil {
-		for _, cmd := range []listCommand{cmdUpdate, cmdCheck, cmdAdd, cmdDelete, cmdStatus} {
-			for list := range listBlack + 1 {
-				if list == 0 && cmd != cmdDelete && cmd != cmdStatus {
-					continue // update, check and add always answer a list
-				}
-				name := "none"
-				if list != 0 {
-					name = list.String()
-				}
-				counter(descListAnswers, st.ListAnswers[cmd][list], listCommandNames[cmd], name)
-			}
-		}
-	}
+	e.listAnswers(st.ListAnswers)
 	if st.Redis {
 		up := 0.0
 		if st.RedisUp {
 			up = 1
 		}
-		gauge(descRedisUp, up)
-		counter(descRedisCalls, st.RedisCalls-st.RedisFailures, "ok")
-		counter(descRedisCalls, st.RedisFailures, "error")
-		counter(descFallbacks, st.Fallbacks)
+		e.gauge(descRedisUp, up)
+		e.counter(descRedisCalls, st.RedisCalls-st.RedisFailures, "ok")
+		e.counter(descRedisCalls, st.RedisFailures, "error")
+		e.counter(descFallbacks, st.Fallbacks)
 	}
 	b := readBuildInfo()
-	gauge(descBuild, 1, b.version, b.revision, runtime.Version())
+	e.gauge(descBuild, 1, b.version, b.revision, runtime.Version())
+}
+
+// A metricEmitter sends constant metrics to a collector's channel.
+type metricEmitter chan<- prometheus.Metric
+
+// counter sends a counter.
+func (e metricEmitter) counter(d *prometheus.Desc, v uint64, labels ...string) {
+	e <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+}
+
+// gauge sends a gauge.
+func (e metricEmitter) gauge(d *prometheus.Desc, v float64, labels ...string) {
+	e <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+}
+
+// frontEnd sends one front end's counters, and its decisions by verdict if
+// it answers with qmail's verdicts.
+func (e metricEmitter) frontEnd(fe *FrontEndStats) {
+	e.counter(descRequests, fe.Requests, fe.Name)
+	e.counter(descMalformed, fe.Malformed, fe.Name)
+	e.counter(descRefused, fe.Refused, fe.Name)
+	e.counter(descReplies, fe.Replies, fe.Name)
+	e.counter(descIOErrors, fe.ReadErrors, fe.Name, "read")
+	e.counter(descIOErrors, fe.WriteErrors, fe.Name, "write")
+	if !fe.Decides {
+		return
+	}
+	for i, v := range verdicts {
+		action := "greylist"
+		if v.Accepts() {
+			action = "accept"
+		}
+		e.counter(descDecisions, fe.Verdicts[i], fe.Name, action, v.Reason(), fmt.Sprintf("%04x", uint16(v)))
+	}
+}
+
+// table sends the table's gauges and counters.
+func (e metricEmitter) table(st *Stats) {
+	e.gauge(descEntries, float64(st.KnownIPs), "known_ip")
+	e.gauge(descEntries, float64(st.GreyTriplets), "grey")
+	e.gauge(descEntries, float64(st.ListEntries), "greylistd")
+	e.gauge(descMaxEntries, float64(st.MaxEntries))
+	e.counter(descEvictions, st.Evictions)
+	e.counter(descExpirations, st.Expirations)
+	e.counter(descClamped, st.FutureTimesClamped)
+}
+
+// listAnswers sends the greylistd socket's answers by command and list,
+// for the combinations that can happen; nothing without the socket.
+func (e metricEmitter) listAnswers(answers [][]uint64) {
+	if answers == nil {
+		return
+	}
+	for _, cmd := range []listCommand{cmdUpdate, cmdCheck, cmdAdd, cmdDelete, cmdStatus} {
+		for list := range listBlack + 1 {
+			if list == 0 && cmd != cmdDelete && cmd != cmdStatus {
+				continue // update, check and add always answer a list
+			}
+			name := "none"
+			if list != 0 {
+				name = list.String()
+			}
+			e.counter(descListAnswers, answers[cmd][list], listCommandNames[cmd], name)
+		}
+	}
 }
