@@ -27,77 +27,99 @@ func checkCommand(args []string, stdout, stderr io.Writer) error {
 	if errors.Is(err, errUsage) || errors.Is(err, errHelp) {
 		return err
 	}
-	var problems []string
-	report := func(err error) {
-		problems = append(problems, strings.Split(err.Error(), "\n")...)
-	}
+	ck := &checker{c: c, src: src, warn: stderr}
 	if err != nil {
-		report(err) // the config file: unreadable, bad TOML, unknown keys
+		ck.report(err) // the config file: unreadable, bad TOML, unknown keys
 	}
 	for _, err := range c.problems() {
 		var se *settingError
 		if errors.As(err, &se) {
-			report(fmt.Errorf("%s: %w", src.where(se.Key), err))
+			ck.report(fmt.Errorf("%s: %w", src.where(se.Key), err))
 		}
 	}
+	ck.files()
+	if len(ck.problems) > 0 {
+		for _, p := range ck.problems {
+			fmt.Fprintf(stderr, "greydaemon: %s\n", p)
+		}
+		fmt.Fprintf(stderr, "greydaemon: check found %d problem(s)\n", len(ck.problems))
+		return errProblemsFound
+	}
+	summary := append([]string{fmt.Sprintf("listen %s", c.Listen)}, ck.summary...)
+	summary = append(summary, c.frontEndSummary()...)
+	fmt.Fprintf(stdout, "greydaemon: settings OK%s: %s\n", fromFile(&Settings{Source: src}), strings.Join(summary, "; "))
+	return nil
+}
 
-	// As the daemon does: files as the -u user when started as root.
+// A checker collects what check finds: problems, and what it read for the
+// summary.
+type checker struct {
+	c        Config
+	src      Source
+	warn     io.Writer // for the whitelist's warnings
+	problems []string
+	summary  []string
+}
+
+// report records a problem (each line of err as one).
+func (ck *checker) report(err error) {
+	ck.problems = append(ck.problems, strings.Split(err.Error(), "\n")...)
+}
+
+// files checks what the daemon reads and writes at start, as it would:
+// as the -u user when started as root. The user, the whitelist, the state
+// file and its directory, and the unix sockets' directories.
+func (ck *checker) files() {
+	c, src := ck.c, ck.src
 	owner, err := fileOwnerFor(c.User)
 	if err != nil {
-		report(fmt.Errorf("%s: user: %w", src.where("user"), err))
-	}
-	summary := []string{fmt.Sprintf("listen %s", c.Listen)}
-	if c.Whitelist != "" {
-		var warnings []string
-		var wl *IPRanges
-		err := asOwner(owner, 0o022, func() (err error) {
-			wl, err = LoadWhitelist(c.Whitelist, func(w string) { warnings = append(warnings, w) })
-			return err
-		})
-		for _, w := range warnings {
-			fmt.Fprintf(stderr, "greydaemon: warning: %s\n", w)
-		}
-		if err != nil {
-			report(err)
-		} else {
-			summary = append(summary, fmt.Sprintf("whitelist %s (%d ranges)", c.Whitelist, wl.Len()))
-		}
+		ck.report(fmt.Errorf("%s: user: %w", src.where("user"), err))
 	}
 	if c.User != "" && owner == nil {
 		if _, err := user.Lookup(c.User); err != nil {
-			report(fmt.Errorf("%s: user: %w", src.where("user"), err))
+			ck.report(fmt.Errorf("%s: user: %w", src.where("user"), err))
 		}
+	}
+	if c.Whitelist != "" {
+		ck.whitelist(owner)
 	}
 	if c.StateFile != "" {
 		if err := checkDirWritable(c.StateFile, "state file", src.where("state_file"), owner); err != nil {
-			report(err)
+			ck.report(err)
 		} else if s, err := checkStateFile(c.StateFile); err != nil {
-			report(err)
+			ck.report(err)
 		} else {
-			summary = append(summary, s)
+			ck.summary = append(ck.summary, s)
 		}
 	}
-	summary = append(summary, c.frontEndSummary()...)
 	for _, sock := range []struct{ key, path string }{
 		{"greylistd_listen", c.GreylistdListen},
 		{"policy_listen", strings.TrimPrefix(c.PolicyListen, "unix:")},
 	} {
-		if sock.path != "" && strings.HasPrefix(sock.path, "/") {
+		if strings.HasPrefix(sock.path, "/") {
 			if err := checkDirWritable(sock.path, "socket", src.where(sock.key)+": "+sock.key, owner); err != nil {
-				report(err)
+				ck.report(err)
 			}
 		}
 	}
+}
 
-	if len(problems) > 0 {
-		for _, p := range problems {
-			fmt.Fprintf(stderr, "greydaemon: %s\n", p)
-		}
-		fmt.Fprintf(stderr, "greydaemon: check found %d problem(s)\n", len(problems))
-		return errProblemsFound
+// whitelist reads the whitelist as owner (nil: this process) would.
+func (ck *checker) whitelist(owner *fileOwner) {
+	var warnings []string
+	var wl *IPRanges
+	err := asOwner(owner, 0o022, func() (err error) {
+		wl, err = LoadWhitelist(ck.c.Whitelist, func(w string) { warnings = append(warnings, w) })
+		return err
+	})
+	for _, w := range warnings {
+		fmt.Fprintf(ck.warn, "greydaemon: warning: %s\n", w)
 	}
-	fmt.Fprintf(stdout, "greydaemon: settings OK%s: %s\n", fromFile(&Settings{Source: src}), strings.Join(summary, "; "))
-	return nil
+	if err != nil {
+		ck.report(err)
+		return
+	}
+	ck.summary = append(ck.summary, fmt.Sprintf("whitelist %s (%d ranges)", ck.c.Whitelist, wl.Len()))
 }
 
 // checkDirWritable checks that the directory of the file at path (what

@@ -211,15 +211,28 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 		}
 		return
 	}
-	c := *cp
+	results := s.roundTrip(*cp, reqs, p)
+	var firstErr error
+	for i, res := range results {
+		if err := s.finish(&reqs[i], res); err != nil && !requestError(err) {
+			firstErr = cmp.Or(firstErr, err)
+		}
+	}
+	if firstErr != nil {
+		s.setDown(firstErr)
+	} else {
+		s.up()
+	}
+}
+
+// roundTrip sends the scripts of reqs, decided under p, in one write and
+// returns Redis's answers. A Redis that restarted, or failed over, has
+// forgotten the script: the calls it refused are sent again with the
+// script whole once, ahead of the others on the same connection, which
+// also loads it for them.
+func (s *redisStore) roundTrip(c rueidis.Client, reqs []remoteRequest, p Policy) []rueidis.RedisResult {
 	policy := [4]string{strconv.FormatUint(uint64(p.KnownIPLifetime), 10), strconv.FormatUint(uint64(p.MinResendDelay), 10),
 		strconv.FormatUint(uint64(p.ResendWindow), 10), strconv.FormatUint(uint64(p.ResendWindow)+staleGrace, 10)}
-	flag := func(b bool) string {
-		if b {
-			return "1"
-		}
-		return "0"
-	}
 	build := func(r *remoteRequest, script bool) rueidis.Completed {
 		keys := make([]string, 0, 1+len(r.triplets))
 		keys = append(keys, s.key('i', r.client))
@@ -227,7 +240,7 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 			keys = append(keys, s.key('g', t))
 		}
 		args := []string{strconv.FormatUint(uint64(r.now), 10), policy[0], policy[1], policy[2], policy[3],
-			flag(r.bounce), flag(r.malformed)}
+			flagArg(r.bounce), flagArg(r.malformed)}
 		if script {
 			return c.B().Eval().Script(decideScript).Numkeys(int64(len(keys))).Key(keys...).Arg(args...).Build()
 		}
@@ -240,9 +253,6 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
 	results := c.DoMulti(ctx, cmds...)
-	// A Redis that restarted, or failed over, has forgotten the script:
-	// send it whole once, ahead of the others again on the same
-	// connection, which also loads it for them.
 	var again []int
 	for i, res := range results {
 		if e, ok := rueidis.IsRedisErr(res.Error()); ok && e.IsNoScript() {
@@ -258,34 +268,37 @@ func (s *redisStore) decide(reqs []remoteRequest, p Policy) {
 			results[again[n]] = res
 		}
 	}
-	var firstErr error
-	for i, res := range results {
-		r := &reqs[i]
-		x, err := res.AsInt64()
-		s.calls.Add(1)
-		if err != nil || x < 0 {
-			s.failures.Add(1)
-			r.err = errRedisDown
-			if err == nil {
-				err = fmt.Errorf("the script answered %d", x)
-			}
-			if requestError(err) {
-				// This request's keys, not Redis: the others stand.
-				if rarely(&s.requestFailures, 1) {
-					s.log.Errorf("redis: one request failed (%v); it is decided by redis_fallback = %q, Redis stays in use", err, s.fallback)
-				}
-				continue
-			}
-			firstErr = cmp.Or(firstErr, err)
-			continue
-		}
+	return results
+}
+
+// flagArg is a script's argument for a flag: "1" or "0".
+func flagArg(b bool) string {
+	if b {
+		return "1"
+	}
+	return "0"
+}
+
+// finish fills in r from Redis's answer res, counting the call, and
+// returns the call's error, if any: r then gets errRedisDown. A failure of
+// the request's own (requestError) is logged, rarely, here.
+func (s *redisStore) finish(r *remoteRequest, res rueidis.RedisResult) error {
+	x, err := res.AsInt64()
+	s.calls.Add(1)
+	if err == nil && x >= 0 {
 		r.verdict, r.age, r.err = Verdict(x>>32), uint32(x), nil
+		return nil
 	}
-	if firstErr != nil {
-		s.setDown(firstErr)
-	} else {
-		s.up()
+	s.failures.Add(1)
+	r.err = errRedisDown
+	if err == nil {
+		err = fmt.Errorf("the script answered %d", x)
 	}
+	if requestError(err) && rarely(&s.requestFailures, 1) {
+		// This request's keys, not Redis: the others stand.
+		s.log.Errorf("redis: one request failed (%v); it is decided by redis_fallback = %q, Redis stays in use", err, s.fallback)
+	}
+	return err
 }
 
 // downNow reports whether Redis is not to be asked now, after a failure.
