@@ -74,18 +74,51 @@ func (e *settingError) Error() string { return e.Key + ": " + e.Msg }
 // problems checks c's values and their combinations, and returns one error
 // per problem, each a *settingError.
 func (c *Config) problems() []error {
-	var errs []error
-	bad := func(key, format string, args ...any) {
-		errs = append(errs, &settingError{key, fmt.Sprintf(format, args...)})
-	}
+	var p problemList
+	c.coreProblems(&p)
+	c.durationProblems(&p)
+	c.frontEndProblems(&p)
+	c.redisProblems(&p)
+	return p
+}
+
+// A problemList collects the problems with a Config's values.
+type problemList []error
+
+// bad records a problem with the value of key.
+func (p *problemList) bad(key, format string, args ...any) {
+	*p = append(*p, &settingError{key, fmt.Sprintf(format, args...)})
+}
+
+// coreProblems checks the qmail listener, the state file, the table's size
+// and keys, and the allow list.
+func (c *Config) coreProblems(p *problemList) {
 	if c.Listen == "" {
-		bad("listen", "must not be empty")
+		p.bad("listen", "must not be empty")
 	} else if _, err := listenAddress(c.Listen); err != nil {
-		bad("listen", "%v", err)
+		p.bad("listen", "%v", err)
 	}
 	if c.StateFile == "" {
-		bad("state_file", "must not be empty")
+		p.bad("state_file", "must not be empty")
 	}
+	if c.MaxEntries < 1000 {
+		p.bad("max_entries", "must be at least 1000, got %d", c.MaxEntries)
+	} else if c.MaxEntries > 1<<31 {
+		p.bad("max_entries", "must be at most %d, got %d", 1<<31, c.MaxEntries)
+	}
+	if _, err := parseAllow(c.Allow); err != nil {
+		p.bad("allow", "%v", err)
+	}
+	if c.IPv4Prefix < 8 || c.IPv4Prefix > 32 {
+		p.bad("ipv4_prefix", "must be 8 to 32, got %d", c.IPv4Prefix)
+	}
+	if c.IPv6Prefix < 16 || c.IPv6Prefix > 128 {
+		p.bad("ipv6_prefix", "must be 16 to 128, got %d", c.IPv6Prefix)
+	}
+}
+
+// durationProblems checks the time limits and their combinations.
+func (c *Config) durationProblems(p *problemList) {
 	for _, d := range []struct {
 		key string
 		v   time.Duration
@@ -100,83 +133,77 @@ func (c *Config) problems() []error {
 	} {
 		switch {
 		case d.v <= 0:
-			bad(d.key, "must be positive, got %q", d.v)
+			p.bad(d.key, "must be positive, got %q", d.v)
 		case d.v > maxDuration:
-			bad(d.key, "must be at most 100 years, got %q", d.v)
+			p.bad(d.key, "must be at most 100 years, got %q", d.v)
 		}
 	}
 	if c.SaveInterval.Duration > 0 && c.SaveInterval.Duration < time.Second {
-		bad("save_interval", "must be at least 1s, got %q", c.SaveInterval.Duration)
+		p.bad("save_interval", "must be at least 1s, got %q", c.SaveInterval.Duration)
 	}
 	if c.MinResendDelay.Duration > 0 && c.ResendWindow.Duration > 0 &&
 		ceilSeconds(c.MinResendDelay.Duration) >= ceilSeconds(c.ResendWindow.Duration) {
-		bad("min_resend_delay", "must be below resend_window (%s), got %s: no retry could ever pass",
+		p.bad("min_resend_delay", "must be below resend_window (%s), got %s: no retry could ever pass",
 			c.ResendWindow.Duration, c.MinResendDelay.Duration)
 	}
 	if c.GreylistdRetryMin.Duration >= c.GreylistdRetryMax.Duration && c.GreylistdRetryMax.Duration > 0 {
-		bad("greylistd_retry_min", "must be below greylistd_retry_max (%s), got %s: no retry could ever pass",
+		p.bad("greylistd_retry_min", "must be below greylistd_retry_max (%s), got %s: no retry could ever pass",
 			c.GreylistdRetryMax.Duration, c.GreylistdRetryMin.Duration)
 	}
+}
+
+// frontEndProblems checks the greylistd, Postfix and metrics listeners and
+// their settings.
+func (c *Config) frontEndProblems(p *problemList) {
 	if c.GreylistdListen != "" && !strings.HasPrefix(c.GreylistdListen, "/") {
-		bad("greylistd_listen", "must be an absolute path to a unix socket, got %q", c.GreylistdListen)
+		p.bad("greylistd_listen", "must be an absolute path to a unix socket, got %q", c.GreylistdListen)
 	}
 	if _, err := parseSocketMode(c.GreylistdSocketMode); err != nil {
-		bad("greylistd_socket_mode", "%v", err)
-	}
-	if c.MaxEntries < 1000 {
-		bad("max_entries", "must be at least 1000, got %d", c.MaxEntries)
-	} else if c.MaxEntries > 1<<31 {
-		bad("max_entries", "must be at most %d, got %d", 1<<31, c.MaxEntries)
-	}
-	if _, err := parseAllow(c.Allow); err != nil {
-		bad("allow", "%v", err)
-	}
-	if c.IPv4Prefix < 8 || c.IPv4Prefix > 32 {
-		bad("ipv4_prefix", "must be 8 to 32, got %d", c.IPv4Prefix)
-	}
-	if c.IPv6Prefix < 16 || c.IPv6Prefix > 128 {
-		bad("ipv6_prefix", "must be 16 to 128, got %d", c.IPv6Prefix)
+		p.bad("greylistd_socket_mode", "%v", err)
 	}
 	if _, err := policyAddress(c.PolicyListen); err != nil {
-		bad("policy_listen", "%v", err)
+		p.bad("policy_listen", "%v", err)
 	}
 	if _, err := parseSocketMode(c.PolicySocketMode); err != nil {
-		bad("policy_socket_mode", "%v", err)
+		p.bad("policy_socket_mode", "%v", err)
 	}
 	if err := checkDeferText(c.PolicyDeferText); err != nil {
-		bad("policy_defer_text", "%v", err)
+		p.bad("policy_defer_text", "%v", err)
 	}
 	if c.PolicyMaxConnections < 1 || c.PolicyMaxConnections > 100_000 {
-		bad("policy_max_connections", "must be 1 to 100000, got %d", c.PolicyMaxConnections)
+		p.bad("policy_max_connections", "must be 1 to 100000, got %d", c.PolicyMaxConnections)
 	}
 	if c.PolicyIdleTimeout.Duration < time.Second || c.PolicyIdleTimeout.Duration > maxDuration {
-		bad("policy_idle_timeout", "must be at least 1s, got %q", c.PolicyIdleTimeout.Duration)
+		p.bad("policy_idle_timeout", "must be at least 1s, got %q", c.PolicyIdleTimeout.Duration)
 	}
+	if c.MetricsListen != "" {
+		if _, port, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			p.bad("metrics_listen", "want host:port, got %q", c.MetricsListen)
+		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+			p.bad("metrics_listen", "bad port %q in %q", port, c.MetricsListen)
+		}
+	}
+}
+
+// redisProblems checks the Redis settings.
+func (c *Config) redisProblems(p *problemList) {
 	switch {
 	case c.RedisURL != "" && len(c.RedisSentinels) > 0:
-		bad("redis_url", "give redis_url or redis_sentinels, not both")
+		p.bad("redis_url", "give redis_url or redis_sentinels, not both")
 	case c.RedisURL != "" && !strings.HasPrefix(c.RedisURL, "redis://") && !strings.HasPrefix(c.RedisURL, "rediss://") &&
 		!strings.HasPrefix(c.RedisURL, "unix://"):
-		bad("redis_url", "want redis://[user:pass@]host:port/db, rediss://... or unix:///path, got %q", c.RedisURL)
+		p.bad("redis_url", "want redis://[user:pass@]host:port/db, rediss://... or unix:///path, got %q", c.RedisURL)
 	case len(c.RedisSentinels) > 0 && c.RedisMaster == "":
-		bad("redis_master", "must name the master when redis_sentinels is set")
+		p.bad("redis_master", "must name the master when redis_sentinels is set")
 	}
 	if c.RedisTimeout.Duration < time.Millisecond || c.RedisTimeout.Duration > 3*time.Second {
-		bad("redis_timeout", "must be 1ms to 3s (qmail-smtpd waits 3 s in all), got %q", c.RedisTimeout.Duration)
+		p.bad("redis_timeout", "must be 1ms to 3s (qmail-smtpd waits 3 s in all), got %q", c.RedisTimeout.Duration)
 	}
 	switch c.RedisFallback {
 	case fallbackLocal, fallbackAccept, fallbackTempfail:
 	default:
-		bad("redis_fallback", "must be %q, %q or %q, got %q", fallbackLocal, fallbackAccept, fallbackTempfail, c.RedisFallback)
+		p.bad("redis_fallback", "must be %q, %q or %q, got %q", fallbackLocal, fallbackAccept, fallbackTempfail, c.RedisFallback)
 	}
-	if c.MetricsListen != "" {
-		if _, port, err := net.SplitHostPort(c.MetricsListen); err != nil {
-			bad("metrics_listen", "want host:port, got %q", c.MetricsListen)
-		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
-			bad("metrics_listen", "bad port %q in %q", port, c.MetricsListen)
-		}
-	}
-	return errs
 }
 
 // validate returns every problem with c's values joined into one error, or
