@@ -82,113 +82,155 @@ func decodeSnapshot(data []byte, add func(kind int, k [16]byte, t uint32) bool, 
 		return st, fmt.Errorf("%w: checksum mismatch (truncated or damaged)", errCorrupt)
 	}
 	r := bytes.NewReader(body)
-	dec := msgpack.NewDecoder(r)
-	fail := func(what string, err error) (loadStats, error) {
-		if err == nil {
-			return st, fmt.Errorf("%w: %s", errCorrupt, what)
-		}
-		return st, fmt.Errorf("%w: %s: %v", errCorrupt, what, err)
+	sd := &snapshotDecoder{r: r, dec: msgpack.NewDecoder(r), st: st, add: add, addList: addList}
+	if err := sd.header(); err != nil {
+		return sd.st, err
 	}
+	for {
+		kind, err := sd.dec.DecodeUint64()
+		if err != nil {
+			return sd.st, sd.fail("bad block kind", err)
+		}
+		if kind == blockEnd {
+			break
+		}
+		if err := sd.block(kind); err != nil {
+			return sd.st, err
+		}
+	}
+	return sd.st, sd.trailer()
+}
+
+// A snapshotDecoder reads a snapshot's body (checksum checked), counting
+// what it hands to add and addList in st.
+type snapshotDecoder struct {
+	r       *bytes.Reader
+	dec     *msgpack.Decoder
+	st      loadStats
+	add     func(kind int, k [16]byte, t uint32) bool
+	addList func(k listKey, e listEntry) bool
+	// The entries the known-IP and grey blocks held, for the trailer.
+	totalKnown, totalGrey uint64
+}
+
+// fail returns the error for damage what, found with err (which may be
+// nil).
+func (sd *snapshotDecoder) fail(what string, err error) error {
+	if err == nil {
+		return fmt.Errorf("%w: %s", errCorrupt, what)
+	}
+	return fmt.Errorf("%w: %s: %v", errCorrupt, what, err)
+}
+
+// header reads the magic, the version, the time written and the limits.
+func (sd *snapshotDecoder) header() error {
+	dec := sd.dec
 	magic := make([]byte, len(snapshotPrefix))
 	if err := dec.ReadFull(magic); err != nil || !bytes.Equal(magic, snapshotPrefix) {
-		return fail("bad magic", err)
+		return sd.fail("bad magic", err)
 	}
 	version, err := dec.DecodeUint64()
 	if err != nil {
-		return fail("bad version", err)
+		return sd.fail("bad version", err)
 	}
 	if version != snapshotVersion {
-		return fail(fmt.Sprintf("unknown format version %d (this greydaemon reads %d)", version, snapshotVersion), nil)
+		return sd.fail(fmt.Sprintf("unknown format version %d (this greydaemon reads %d)", version, snapshotVersion), nil)
 	}
 	written, err := dec.DecodeInt64()
 	if err != nil {
-		return fail("bad time written", err)
+		return sd.fail("bad time written", err)
 	}
-	st.written = time.Unix(written, 0)
+	sd.st.written = time.Unix(written, 0)
 	n, err := dec.DecodeArrayLen()
 	if err != nil || n < 0 || n > 64 {
-		return fail("bad settings", err)
+		return sd.fail("bad settings", err)
 	}
 	var limits [3]uint64
 	for i := range n {
 		v, err := dec.DecodeUint64()
 		if err != nil {
-			return fail("bad settings", err)
+			return sd.fail("bad settings", err)
 		}
 		if i < len(limits) {
 			limits[i] = v
 		}
 	}
 	if n >= 3 && limits[0] <= math.MaxUint32 && limits[1] <= math.MaxUint32 && limits[2] <= math.MaxUint32 {
-		st.policy = &Policy{KnownIPLifetime: uint32(limits[0]), ResendWindow: uint32(limits[1]), MinResendDelay: uint32(limits[2])}
+		sd.st.policy = &Policy{KnownIPLifetime: uint32(limits[0]), ResendWindow: uint32(limits[1]), MinResendDelay: uint32(limits[2])}
 	}
-	var totalKnown, totalGrey uint64
-	for {
-		kind, err := dec.DecodeUint64()
-		if err != nil {
-			return fail("bad block kind", err)
-		}
-		if kind == blockEnd {
-			break
-		}
-		if kind != blockKnown && kind != blockGrey && kind != blockList {
-			return fail(fmt.Sprintf("unknown block kind %d", kind), nil)
-		}
-		rsize := uint64(blockRecordSize(int(kind)))
-		count, err := dec.DecodeUint64()
-		if err != nil || count > maxBlockEntries || count*rsize > uint64(r.Len()) {
-			return fail(fmt.Sprintf("bad block count %d", count), err)
-		}
-		size, err := dec.DecodeBytesLen()
-		if err != nil || uint64(size) != count*rsize || size > r.Len() {
-			return fail(fmt.Sprintf("bad block size %d for %d entries", size, count), err)
-		}
-		block := make([]byte, size)
-		if err := dec.ReadFull(block); err != nil {
-			return fail("short block", err)
-		}
-		if kind == blockList {
-			for e := block; len(e) >= listRecordSize; e = e[listRecordSize:] {
-				k, entry, ok := parseListRecord(e)
-				switch {
-				case !ok:
-					return fail(fmt.Sprintf("unknown greylistd list %d", entry.state), nil)
-				case addList == nil:
-				case addList(k, entry):
-					st.lists++
-				default:
-					st.expired++
-				}
-			}
-			continue
-		}
-		for e := block; len(e) >= recordSize; e = e[recordSize:] {
-			k, t := parseRecord(e)
-			switch {
-			case !add(int(kind), k, t):
-				st.expired++
-			case kind == blockKnown:
-				st.known++
-			default:
-				st.grey++
-			}
-		}
-		if kind == blockKnown {
-			totalKnown += count
-		} else {
-			totalGrey += count
+	return nil
+}
+
+// block reads one block of kind and hands its entries on.
+func (sd *snapshotDecoder) block(kind uint64) error {
+	if kind != blockKnown && kind != blockGrey && kind != blockList {
+		return sd.fail(fmt.Sprintf("unknown block kind %d", kind), nil)
+	}
+	rsize := uint64(blockRecordSize(int(kind)))
+	count, err := sd.dec.DecodeUint64()
+	if err != nil || count > maxBlockEntries || count*rsize > uint64(sd.r.Len()) {
+		return sd.fail(fmt.Sprintf("bad block count %d", count), err)
+	}
+	size, err := sd.dec.DecodeBytesLen()
+	if err != nil || uint64(size) != count*rsize || size > sd.r.Len() {
+		return sd.fail(fmt.Sprintf("bad block size %d for %d entries", size, count), err)
+	}
+	block := make([]byte, size)
+	if err := sd.dec.ReadFull(block); err != nil {
+		return sd.fail("short block", err)
+	}
+	if kind == blockList {
+		return sd.listBlock(block)
+	}
+	for e := block; len(e) >= recordSize; e = e[recordSize:] {
+		k, t := parseRecord(e)
+		switch {
+		case !sd.add(int(kind), k, t):
+			sd.st.expired++
+		case kind == blockKnown:
+			sd.st.known++
+		default:
+			sd.st.grey++
 		}
 	}
-	wantKnown, err1 := dec.DecodeUint64()
-	wantGrey, err2 := dec.DecodeUint64()
-	if err := errors.Join(err1, err2); err != nil || wantKnown != totalKnown || wantGrey != totalGrey {
-		return fail(fmt.Sprintf("entry counts do not match (known %d of %d, grey %d of %d)",
-			totalKnown, wantKnown, totalGrey, wantGrey), err)
+	if kind == blockKnown {
+		sd.totalKnown += count
+	} else {
+		sd.totalGrey += count
 	}
-	if r.Len() != 0 {
-		return fail(fmt.Sprintf("%d stray bytes after the entries", r.Len()), nil)
+	return nil
+}
+
+// listBlock hands on the greylistd entries of a block.
+func (sd *snapshotDecoder) listBlock(block []byte) error {
+	for e := block; len(e) >= listRecordSize; e = e[listRecordSize:] {
+		k, entry, ok := parseListRecord(e)
+		switch {
+		case !ok:
+			return sd.fail(fmt.Sprintf("unknown greylistd list %d", entry.state), nil)
+		case sd.addList == nil:
+		case sd.addList(k, entry):
+			sd.st.lists++
+		default:
+			sd.st.expired++
+		}
 	}
-	return st, nil
+	return nil
+}
+
+// trailer reads the entry counts after the blocks, which must match them,
+// and checks that nothing follows.
+func (sd *snapshotDecoder) trailer() error {
+	wantKnown, err1 := sd.dec.DecodeUint64()
+	wantGrey, err2 := sd.dec.DecodeUint64()
+	if err := errors.Join(err1, err2); err != nil || wantKnown != sd.totalKnown || wantGrey != sd.totalGrey {
+		return sd.fail(fmt.Sprintf("entry counts do not match (known %d of %d, grey %d of %d)",
+			sd.totalKnown, wantKnown, sd.totalGrey, wantGrey), err)
+	}
+	if sd.r.Len() != 0 {
+		return sd.fail(fmt.Sprintf("%d stray bytes after the entries", sd.r.Len()), nil)
+	}
+	return nil
 }
 
 // snapshotScratch is the memory encodeSnapshot copies a shard into,
