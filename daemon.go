@@ -38,17 +38,17 @@ type frontEnd interface {
 // A daemon is one run of greydaemon: settings, sockets, table, snapshots,
 // logs and counters.
 type daemon struct {
-	// load reads the settings: at start, and again at each SIGHUP.
+	// What it is given: how to read the settings (at start, and again at
+	// each SIGHUP), its output streams, its clock, the signals (SIGTERM
+	// and SIGINT stop, SIGHUP reloads, SIGUSR1 saves; nil receives none),
+	// and how to tell the service manager its state (sd_notify; nil tells
+	// nobody).
 	load           func() (*Settings, error)
 	stdout, stderr io.Writer
 	now            func() time.Time
-	// signals delivers SIGTERM and SIGINT (stop), SIGHUP (reload) and
-	// SIGUSR1 (save now). Nil receives none.
-	signals <-chan os.Signal
-	// notify tells the service manager about the daemon's state
-	// (sd_notify); nil tells nobody.
-	notify       func(state string) error
-	notifyFailed bool
+	signals        <-chan os.Signal
+	notify         func(state string) error
+	notifyFailed   bool
 	// ownsProcess says that the daemon may set process-wide things, as
 	// GOMAXPROCS; false for daemons that tests run side by side.
 	ownsProcess  bool
@@ -56,36 +56,43 @@ type daemon struct {
 
 	// Test hooks. onReady, if set, is called with each front end's
 	// address by name once the daemon answers requests; onSave after
-	// every save with its outcome; onReload after every reload.
+	// every save with its outcome; onReload after every reload. saveNow,
+	// if set, asks for a save at once, as SIGUSR1 does.
 	onReady  func(addrs map[string]net.Addr)
 	onSave   func(saveStats, error)
 	onReload func(error)
-	// saveNow, if set, asks for a save at once, as SIGUSR1 does.
-	saveNow chan struct{}
+	saveNow  chan struct{}
 
-	set       *Settings // the running settings; only the run goroutine uses it
-	log       *logger
-	outSink   *lossySink // stdout: decision lines
-	errSink   *lossySink // stderr: the daemon's messages
-	lock      *os.File   // the state file's lock, held while the daemon runs
-	table     *table
-	snap      *snapshotter
-	g         *Greylister
-	dlog      *decisionLog
+	// The settings and the logs.
+	set               *Settings // the running settings; only the run goroutine uses it
+	maxEntries        int       // max_entries, which only a restart changes
+	whitelistWarnings map[string]bool
+	log               *logger
+	outSink           *lossySink // stdout: decision lines
+	errSink           *lossySink // stderr: the daemon's messages
+	dlog              *decisionLog
+
+	// The state: the table and its Greylister, Redis in Redis mode, and
+	// the snapshots, with the state file's lock.
+	table  *table
+	g      *Greylister
+	remote *redisStore // nil unless Redis is set
+	snap   *snapshotter
+	lock   *os.File // held while the daemon runs
+
+	// The front ends, each also in frontEnds.
 	qmail     *server
 	policy    *policyServer  // nil unless policy_listen is set
 	list      *listServer    // nil unless greylistd_listen is set
 	metrics   *metricsServer // nil unless metrics_listen is set
-	remote    *redisStore    // nil unless Redis is set
 	frontEnds []frontEnd
 
-	// saveRequests carries the greylistd save command's requests to the
-	// loop that saves; loopDone is closed when that loop has stopped.
+	// The run loop: saveRequests carries the greylistd save command's
+	// requests to it; loopDone is closed when it has stopped.
 	saveRequests chan chan error
 	loopDone     chan struct{}
 
-	maxEntries              int             // max_entries, which only a restart changes
-	whitelistWarnings       map[string]bool // the last whitelist's warnings, logged once
+	// Counters, for the metrics.
 	saves, saveFailures     atomic.Uint64
 	reloads, reloadFailures atomic.Uint64
 	lastSave                atomic.Pointer[savedAt]
