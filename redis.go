@@ -370,60 +370,97 @@ func importRedisCommand(args []string, stdout io.Writer, now func() time.Time) e
 		return fmt.Errorf("import-redis: cannot connect to Redis: %w", err)
 	}
 	defer client.Close()
-	s := &redisStore{prefix: set.RedisPrefix}
-	exp := set.Policy.expiry()
-	t := uint32(max(now().Unix(), 0))
-	var batch rueidis.Commands
-	var known, grey, skipped int
-	var sendErr error
-	send := func() {
-		for _, r := range client.DoMulti(context.Background(), batch...) {
-			if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) && sendErr == nil {
-				sendErr = err
-			}
-		}
-		batch = batch[:0]
-	}
-	st, err := decodeStateFile(data, func(kind int, k [16]byte, seen uint32) bool {
-		seen, _ = clampFuture(seen, t)
-		var key string
-		var left uint32
-		switch kind {
-		case blockKnown:
-			if age(t, seen) >= exp.knownLifetime {
-				skipped++
-				return false
-			}
-			ck := clientKey(k)
-			if addr, ok := ck.addr(); ok {
-				ck = clientKeyFromAddr(set.Grouping.group(addr))
-			}
-			key, left = s.key('i', ck), exp.knownLifetime-age(t, seen)
-			known++
-		default:
-			if age(t, seen) >= exp.greyLifetime {
-				skipped++
-				return false
-			}
-			key, left = s.key('g', k), exp.greyLifetime-age(t, seen)
-			grey++
-		}
-		batch = append(batch, client.B().Set().Key(key).Value(strconv.FormatUint(uint64(seen), 10)).Nx().ExSeconds(int64(left)).Build())
-		if len(batch) == 1000 {
-			send()
-		}
-		return true
-	}, nil) // greylistd entries stay in each daemon's own table
+	cp := &redisCopier{client: client, store: &redisStore{prefix: set.RedisPrefix}, set: set,
+		exp: set.Policy.expiry(), now: uint32(max(now().Unix(), 0))}
+	st, err := decodeStateFile(data, cp.add, cp.addList)
 	if err != nil {
 		return fmt.Errorf("%q: %w", path, err)
 	}
-	if len(batch) > 0 {
-		send()
+	cp.send()
+	if cp.err != nil {
+		return fmt.Errorf("import-redis: %w", cp.err)
 	}
-	if sendErr != nil {
-		return fmt.Errorf("import-redis: %w", sendErr)
-	}
-	fmt.Fprintf(stdout, "greydaemon: copied %d known IPs and %d grey triplets from %s (%s format) to Redis; %d expired left out\n",
-		known, grey, path, st.format, skipped)
+	fmt.Fprintf(stdout, "greydaemon: copied %d known IPs, %d grey triplets and %d greylistd entries from %s (%s format) to Redis; %d expired left out\n",
+		cp.known, cp.grey, cp.lists, path, st.format, cp.skipped)
 	return nil
+}
+
+// A redisCopier copies a state file's entries into Redis for import-redis:
+// each that has not expired, with the TTL left of its lifetime, unless
+// Redis holds the key already; in batches of a thousand.
+type redisCopier struct {
+	client rueidis.Client
+	store  *redisStore // for its keys
+	set    *Settings
+	exp    expiry
+	now    uint32
+
+	batch                       rueidis.Commands
+	known, grey, lists, skipped int
+	err                         error // the first that Redis answered
+}
+
+// add queues a known IP or a grey triplet.
+func (cp *redisCopier) add(kind int, k [16]byte, seen uint32) bool {
+	seen, _ = clampFuture(seen, cp.now)
+	lifetime := cp.exp.greyLifetime
+	if kind == blockKnown {
+		lifetime = cp.exp.knownLifetime
+	}
+	if age(cp.now, seen) >= lifetime {
+		cp.skipped++
+		return false
+	}
+	var key string
+	if kind == blockKnown {
+		ck := clientKey(k)
+		if addr, ok := ck.addr(); ok {
+			ck = clientKeyFromAddr(cp.set.Grouping.group(addr))
+		}
+		key = cp.store.key('i', ck)
+		cp.known++
+	} else {
+		key = cp.store.key('g', k)
+		cp.grey++
+	}
+	cp.queue(key, strconv.FormatUint(uint64(seen), 10), lifetime-age(cp.now, seen))
+	return true
+}
+
+// addList queues a greylistd entry, in the form listScript keeps.
+func (cp *redisCopier) addList(k listKey, e listEntry) bool {
+	if e.expired(cp.now, cp.exp) {
+		cp.skipped++
+		return false
+	}
+	lifetime := cp.exp.listLifetime
+	if e.state == listGrey {
+		lifetime = cp.exp.listGreyLifetime
+	}
+	value := fmt.Sprintf("%d %d %d %d", e.state, e.first, e.last, e.count)
+	cp.queue(cp.store.key('l', k), value, lifetime-age(cp.now, e.last)+1)
+	cp.lists++
+	return true
+}
+
+// queue adds a SET NX with a TTL of ttl seconds, and sends the batch once
+// it is full.
+func (cp *redisCopier) queue(key, value string, ttl uint32) {
+	cp.batch = append(cp.batch, cp.client.B().Set().Key(key).Value(value).Nx().ExSeconds(int64(max(ttl, 1))).Build())
+	if len(cp.batch) == 1000 {
+		cp.send()
+	}
+}
+
+// send sends the queued commands.
+func (cp *redisCopier) send() {
+	if len(cp.batch) == 0 {
+		return
+	}
+	for _, r := range cp.client.DoMulti(context.Background(), cp.batch...) {
+		if err := r.Error(); err != nil && !rueidis.IsRedisNil(err) && cp.err == nil {
+			cp.err = err
+		}
+	}
+	cp.batch = cp.batch[:0]
 }

@@ -211,7 +211,7 @@ func TestImportRedis(t *testing.T) {
 	if err := importRedisCommand([]string{"-c", conf, save}, &out, clock.now); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(out.String(), "copied 1 known IPs and 1 grey triplets") || !strings.Contains(out.String(), "1 expired left out") {
+	if !strings.Contains(out.String(), "copied 1 known IPs, 1 grey triplets and 0 greylistd entries") || !strings.Contains(out.String(), "1 expired left out") {
 		t.Fatalf("output %q", out.String())
 	}
 	td := startRedisDaemon(t, port, clock)
@@ -619,5 +619,43 @@ func TestRedisFallbackDeadlineAndBackoff(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestImportRedisGreylistd copies a snapshot's greylistd entries into
+// Redis: a daemon deciding there, asked over its greylistd socket, finds
+// them on their lists.
+func TestImportRedisGreylistd(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	clock := newFakeClock()
+	local, sock := startListDaemon(t, clock, nil)
+	askSocket(t, sock, "add --black spammer.example", true)
+	askSocket(t, sock, "update 192.0.2.1 a@b c@d", true)
+	if err := local.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(t.TempDir(), "g.toml")
+	os.WriteFile(conf, []byte(fmt.Sprintf("redis_url = \"redis://127.0.0.1:%d/0\"\n", port)), 0o644)
+	var out bytes.Buffer
+	if err := importRedisCommand([]string{"-c", conf, local.set.StateFile}, &out, clock.now); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "and 2 greylistd entries") {
+		t.Fatalf("output %q", out.String())
+	}
+	cfg := defaultConfig()
+	cfg.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
+	cfg.GreylistdListen = filepath.Join(t.TempDir(), "greylistd.sock")
+	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
+	for i := 0; td.remote.client.Load() == nil; i++ {
+		if i == 200 {
+			t.Fatal("the daemon did not connect to Redis within 10 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for request, want := range map[string]string{"status spammer.example": "black", "status 192.0.2.1 a@b c@d": "grey", "status other": "unseen"} {
+		if got := askSocket(t, cfg.GreylistdListen, request, true); got != want {
+			t.Errorf("%q after import-redis: %q, want %q", request, got, want)
+		}
 	}
 }
