@@ -102,20 +102,7 @@ func parseCommandLine(args []string) (*Settings, error) {
 func readCommandLine(args []string) (Config, Source, error) {
 	fs := flag.NewFlagSet("greydaemon", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	var (
-		configPath = fs.String("c", "", "")
-		debug      = fs.Bool("d", false, "")
-		user       = fs.String("u", "", "")
-		whitelist  = fs.String("w", "", "")
-		save       = &unitFlag{unit: time.Minute}
-		known      = &unitFlag{unit: 24 * time.Hour}
-		window     = &unitFlag{unit: time.Hour}
-		minDelay   = &unitFlag{unit: time.Minute}
-	)
-	fs.Var(save, "s", "")
-	fs.Var(known, "t", "")
-	fs.Var(window, "g", "")
-	fs.Var(minDelay, "m", "")
+	flags := definePerlFlags(fs)
 	c := defaultConfig()
 	src := Source{Flags: map[string]bool{}}
 	if err := fs.Parse(args); err != nil {
@@ -124,45 +111,17 @@ func readCommandLine(args []string) (Config, Source, error) {
 		}
 		return c, src, fmt.Errorf("%w: %v", errUsage, err)
 	}
-	if *configPath != "" {
-		text, err := os.ReadFile(*configPath)
+	if *flags.configPath != "" {
+		text, err := os.ReadFile(*flags.configPath)
 		if err != nil {
 			return c, src, fmt.Errorf("cannot open config: %w", err)
 		}
-		src.File, src.FileText = *configPath, text
-		if err := parseConfig(&c, bytes.NewReader(text), *configPath); err != nil {
+		src.File, src.FileText = *flags.configPath, text
+		if err := parseConfig(&c, bytes.NewReader(text), *flags.configPath); err != nil {
 			return c, src, err
 		}
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if set["d"] {
-		c.Debug = *debug
-		src.Flags["debug"] = true
-	}
-	if set["u"] {
-		c.User = *user
-		src.Flags["user"] = true
-	}
-	if set["w"] {
-		c.Whitelist = *whitelist
-		src.Flags["whitelist"] = true
-	}
-	for _, f := range []struct {
-		flag *unitFlag
-		dst  *Duration
-		key  string
-	}{
-		{save, &c.SaveInterval, "save_interval"},
-		{known, &c.KnownIPLifetime, "known_ip_lifetime"},
-		{window, &c.ResendWindow, "resend_window"},
-		{minDelay, &c.MinResendDelay, "min_resend_delay"},
-	} {
-		if f.flag.set {
-			f.dst.Duration = f.flag.v
-			src.Flags[f.key] = true
-		}
-	}
+	flags.apply(fs, &c, &src)
 	switch pos := fs.Args(); len(pos) {
 	case 0:
 	case 2:
@@ -174,4 +133,64 @@ func readCommandLine(args []string) (Config, Source, error) {
 		return c, src, fmt.Errorf("%w: unexpected arguments after savefile: %q", errUsage, pos[2:])
 	}
 	return c, src, nil
+}
+
+// perlFlags are the Perl daemon's flags, and -c.
+type perlFlags struct {
+	configPath, user, whitelist *string
+	debug                       *bool
+	save, known, window, delay  *unitFlag
+}
+
+// definePerlFlags defines the flags on fs.
+func definePerlFlags(fs *flag.FlagSet) *perlFlags {
+	f := &perlFlags{
+		configPath: fs.String("c", "", ""),
+		debug:      fs.Bool("d", false, ""),
+		user:       fs.String("u", "", ""),
+		whitelist:  fs.String("w", "", ""),
+		save:       &unitFlag{unit: time.Minute},
+		known:      &unitFlag{unit: 24 * time.Hour},
+		window:     &unitFlag{unit: time.Hour},
+		delay:      &unitFlag{unit: time.Minute},
+	}
+	fs.Var(f.save, "s", "")
+	fs.Var(f.known, "t", "")
+	fs.Var(f.window, "g", "")
+	fs.Var(f.delay, "m", "")
+	return f
+}
+
+// apply sets in c the values of the flags given on fs (parsed), over the
+// config file's, and records them in src as the command line's.
+func (f *perlFlags) apply(fs *flag.FlagSet, c *Config, src *Source) {
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	if set["d"] {
+		c.Debug = *f.debug
+		src.Flags["debug"] = true
+	}
+	if set["u"] {
+		c.User = *f.user
+		src.Flags["user"] = true
+	}
+	if set["w"] {
+		c.Whitelist = *f.whitelist
+		src.Flags["whitelist"] = true
+	}
+	for _, d := range []struct {
+		flag *unitFlag
+		dst  *Duration
+		key  string
+	}{
+		{f.save, &c.SaveInterval, "save_interval"},
+		{f.known, &c.KnownIPLifetime, "known_ip_lifetime"},
+		{f.window, &c.ResendWindow, "resend_window"},
+		{f.delay, &c.MinResendDelay, "min_resend_delay"},
+	} {
+		if d.flag.set {
+			d.dst.Duration = d.flag.v
+			src.Flags[d.key] = true
+		}
+	}
 }

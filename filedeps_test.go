@@ -106,3 +106,26 @@ func usedNames(info *types.Info, fset *token.FileSet, from, to string) []string 
 	slices.Sort(names)
 	return slices.Compact(names)
 }
+
+// TestFunctionsShort keeps every function of the daemon (not the tests)
+// short enough to read in one screen: at most 70 lines.
+func TestFunctionsShort(t *testing.T) {
+	files, _ := filepath.Glob("*.go")
+	fset := token.NewFileSet()
+	for _, name := range files {
+		if strings.HasSuffix(name, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, name, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range f.Decls {
+			if fd, ok := d.(*ast.FuncDecl); ok {
+				if n := fset.Position(fd.End()).Line - fset.Position(fd.Pos()).Line + 1; n > 70 {
+					t.Errorf("%s: %s is %d lines; split it (at most 70)", name, fd.Name.Name, n)
+				}
+			}
+		}
+	}
+}
