@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -9,8 +10,11 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strings"
+	"time"
 
+	"github.com/redis/rueidis"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,6 +27,8 @@ var errProblemsFound = errors.New("problems found")
 // It prints every problem, with its file and line where it has one, and
 // returns errProblemsFound; or it prints a summary and returns nil.
 func checkCommand(args []string, stdout, stderr io.Writer) error {
+	pingRedis := slices.ContainsFunc(args, func(a string) bool { return a == "-redis" || a == "--redis" })
+	args = slices.DeleteFunc(slices.Clone(args), func(a string) bool { return a == "-redis" || a == "--redis" })
 	c, src, err := readCommandLine(args)
 	if errors.Is(err, errUsage) || errors.Is(err, errHelp) {
 		return err
@@ -38,6 +44,9 @@ func checkCommand(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	ck.files()
+	if pingRedis {
+		ck.redis()
+	}
 	if len(ck.problems) > 0 {
 		for _, p := range ck.problems {
 			fmt.Fprintf(stderr, "greydaemon: %s\n", p)
@@ -102,6 +111,33 @@ func (ck *checker) files() {
 			}
 		}
 	}
+}
+
+// redis checks that the Redis the settings name answers, as -redis asks.
+func (ck *checker) redis() {
+	set, err := resolve(ck.c, ck.src)
+	if err != nil || !set.usesRedis() {
+		ck.report(errors.New("-redis: the settings name no Redis (redis_url or redis_sentinels)"))
+		return
+	}
+	opt, err := redisOption(set)
+	if err != nil {
+		ck.report(fmt.Errorf("%s: %w", ck.src.where("redis_url"), err))
+		return
+	}
+	opt.Dialer.Timeout = 2 * time.Second
+	client, err := rueidis.NewClient(opt)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		err = client.Do(ctx, client.B().Ping().Build()).Error()
+		cancel()
+		client.Close()
+	}
+	if err != nil {
+		ck.report(fmt.Errorf("redis: cannot reach it: %w", err))
+		return
+	}
+	ck.summary = append(ck.summary, "redis answers PING")
 }
 
 // whitelist reads the whitelist as owner (nil: this process) would.

@@ -17,7 +17,7 @@ import (
 
 const usageText = `usage: greydaemon [-d] [-c config.toml] [-u user] [-w whitelist] [-s minutes]
                   [-t days] [-g hours] [-m minutes] [ipaddr[:port] savefile]
-       greydaemon check [-c config.toml] [flags] [ipaddr[:port] savefile]
+       greydaemon check [-redis] [-c config.toml] [flags] [ipaddr[:port] savefile]
        greydaemon lookup [-c config.toml | savefile] IP [SENDER RECIPIENT]
        greydaemon import-redis [-c config.toml] [flags] savefile
        greydaemon import-greylistd [-c config.toml] [flags] STATES TRIPLETS

@@ -250,3 +250,23 @@ func TestCheckReportsEveryBadValue(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckRedis checks `check -redis`: a Redis that answers is in the
+// summary; one that does not is a problem; settings without Redis are
+// one too.
+func TestCheckRedis(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	dir := t.TempDir()
+	conf := writeConfig(t, dir, fmt.Sprintf("redis_url = \"redis://127.0.0.1:%d/0\"", port))
+	if code, out, errOut := runCommand("check", "-redis", "-c", conf); code != 0 || !strings.Contains(out, "redis answers PING") {
+		t.Errorf("a Redis that answers: exit %d, %q %q", code, out, errOut)
+	}
+	down := writeConfig(t, dir, fmt.Sprintf("redis_url = \"redis://127.0.0.1:%d/0\"", freeTCPPort(t)))
+	if code, _, errOut := runCommand("check", "-redis", "-c", down); code != 1 || !strings.Contains(errOut, "redis: cannot reach it") {
+		t.Errorf("no Redis there: exit %d, %q", code, errOut)
+	}
+	none := writeConfig(t, dir)
+	if code, _, errOut := runCommand("check", "-redis", "-c", none); code != 1 || !strings.Contains(errOut, "the settings name no Redis") {
+		t.Errorf("no Redis in the settings: exit %d, %q", code, errOut)
+	}
+}
