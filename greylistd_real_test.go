@@ -421,12 +421,7 @@ func TestRealGreylistdOracleRedis(t *testing.T) {
 			c.GreylistdRetryMin = Duration{time.Second}
 			c.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
 		}, socks[i])), time.Now, nil)
-		for n := 0; td.remote.client.Load() == nil; n++ {
-			if n == 200 {
-				t.Fatal("the daemon did not connect to Redis within 10 s")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		waitRedisConnected(t, td)
 	}
 	n := 0
 	ask := func(round string, requests []string) {

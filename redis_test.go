@@ -87,6 +87,17 @@ func redisAnswers(port int, exited <-chan struct{}) bool {
 	return false
 }
 
+// waitRedisConnected waits up to 10 s until td has connected to Redis.
+func waitRedisConnected(t *testing.T, td *testDaemon) {
+	t.Helper()
+	for i := 0; td.remote.client.Load() == nil; i++ {
+		if i == 200 {
+			t.Fatal("the daemon did not connect to Redis within 10 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // startRedisDaemon runs a daemon deciding in the Redis on port, and waits
 // until it has connected.
 func startRedisDaemon(t *testing.T, port int, clock *fakeClock) *testDaemon {
@@ -95,12 +106,7 @@ func startRedisDaemon(t *testing.T, port int, clock *fakeClock) *testDaemon {
 	cfg.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
 	cfg.StateFile = filepath.Join(t.TempDir(), "state")
 	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
-	for i := 0; td.remote.client.Load() == nil; i++ {
-		if i == 200 {
-			t.Fatal("the daemon did not connect to Redis within 10 s")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitRedisConnected(t, td)
 	return td
 }
 
@@ -572,12 +578,7 @@ func TestRedisFallbackDeadlineAndBackoff(t *testing.T) {
 			cfg.MetricsListen = "127.0.0.1:0"
 			clock := newFakeClock()
 			td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
-			for i := 0; td.remote.client.Load() == nil; i++ {
-				if i == 200 {
-					t.Fatal("the daemon did not connect to Redis within 10 s")
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+			waitRedisConnected(t, td)
 			conn := dial(t, td.addr)
 			if got := exchange(t, conn, req("192.0.2.1", alice, bob), 5*time.Second); !bytes.Equal(got, []byte{0, 1}) {
 				t.Fatalf("with Redis: %x", got)
@@ -647,12 +648,7 @@ func TestImportRedisGreylistd(t *testing.T) {
 	cfg.RedisURL = fmt.Sprintf("redis://127.0.0.1:%d/0", port)
 	cfg.GreylistdListen = filepath.Join(t.TempDir(), "greylistd.sock")
 	td := startTestDaemon(t, settingsOf(t, cfg), clock.now, nil)
-	for i := 0; td.remote.client.Load() == nil; i++ {
-		if i == 200 {
-			t.Fatal("the daemon did not connect to Redis within 10 s")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitRedisConnected(t, td)
 	for request, want := range map[string]string{"status spammer.example": "black", "status 192.0.2.1 a@b c@d": "grey", "status other": "unseen"} {
 		if got := askSocket(t, cfg.GreylistdListen, request, true); got != want {
 			t.Errorf("%q after import-redis: %q, want %q", request, got, want)

@@ -101,24 +101,24 @@ func (cs *connSet) isClosing() bool {
 // setDeadline sets c's read and write deadlines, unless close was called
 // (whose deadlines it must not undo), and reports whether it did.
 func (cs *connSet) setDeadline(c net.Conn, t time.Time) bool {
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	if cs.closing {
-		return false
-	}
-	c.SetDeadline(t)
-	return true
+	return cs.unlessClosing(func() { c.SetDeadline(t) })
 }
 
 // setReadDeadline sets c's read deadline, unless close was called, and
 // reports whether it did.
 func (cs *connSet) setReadDeadline(c net.Conn, t time.Time) bool {
+	return cs.unlessClosing(func() { c.SetReadDeadline(t) })
+}
+
+// unlessClosing runs set under the set's lock unless close was called, and
+// reports whether it did.
+func (cs *connSet) unlessClosing(set func()) bool {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	if cs.closing {
 		return false
 	}
-	c.SetReadDeadline(t)
+	set()
 	return true
 }
 
