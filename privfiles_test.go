@@ -220,3 +220,38 @@ func copyForNobody(t *testing.T) string {
 	}
 	return bin
 }
+
+// TestUserWhenNotRoot starts the daemon as nobody with user = "daemon", as
+// a service manager's User= with a config that also sets user would: it
+// refuses with the cause and the fix, not "cannot drop supplementary
+// groups"; and with user = "nobody", itself, it starts.
+func TestUserWhenNotRoot(t *testing.T) {
+	dir, uid, gid := nobodyDir(t, true)
+	bin := copyForNobody(t)
+	run := func(user string) (string, error) {
+		cmd := exec.Command(bin, "-test.run=^$")
+		cmd.Env = append(os.Environ(), childDaemonEnv+"=-u\n"+user+"\n127.0.0.1:0\n"+filepath.Join(dir, "state"))
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			return stderr.String(), err
+		case <-time.After(2 * time.Second): // still running: it started
+			cmd.Process.Signal(syscall.SIGTERM)
+			return stderr.String(), <-done
+		}
+	}
+	out, err := run("daemon")
+	if want := `cannot switch to user "daemon": greydaemon already runs as uid ` + fmt.Sprint(uid) + `, and only root can switch; remove user (-u) or start it as root`; err == nil || !strings.Contains(out, want) {
+		t.Errorf("as nobody with -u daemon: %v, %q; want %q", err, out, want)
+	}
+	if out, err := run("nobody"); err != nil || !strings.Contains(out, "listening on") {
+		t.Errorf("as nobody with -u nobody: %v, %q; want it to start", err, out)
+	}
+}
