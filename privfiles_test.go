@@ -228,24 +228,43 @@ func copyForNobody(t *testing.T) string {
 func TestUserWhenNotRoot(t *testing.T) {
 	dir, uid, gid := nobodyDir(t, true)
 	bin := copyForNobody(t)
+	// run starts the daemon as nobody with -u user and returns what it
+	// said on stderr and how it ended: by itself, or by SIGTERM once it
+	// was listening.
 	run := func(user string) (string, error) {
 		cmd := exec.Command(bin, "-test.run=^$")
 		cmd.Env = append(os.Environ(), childDaemonEnv+"=-u\n"+user+"\n127.0.0.1:0\n"+filepath.Join(dir, "state"))
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
+		pipe, err := cmd.StderrPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
+		var stderr strings.Builder
+		listening := make(chan struct{}, 1)
+		read := make(chan struct{})
+		go func() {
+			defer close(read)
+			sc := bufio.NewScanner(pipe)
+			for sc.Scan() {
+				stderr.WriteString(sc.Text() + "\n")
+				if strings.Contains(sc.Text(), "listening on") {
+					listening <- struct{}{}
+				}
+			}
+		}()
 		select {
-		case err := <-done:
-			return stderr.String(), err
-		case <-time.After(2 * time.Second): // still running: it started
+		case <-listening:
 			cmd.Process.Signal(syscall.SIGTERM)
-			return stderr.String(), <-done
+		case <-read: // it ended by itself
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
 		}
+		<-read
+		err = cmd.Wait()
+		return stderr.String(), err
 	}
 	out, err := run("daemon")
 	if want := `cannot switch to user "daemon": greydaemon already runs as uid ` + fmt.Sprint(uid) + `, and only root can switch; remove user (-u) or start it as root`; err == nil || !strings.Contains(out, want) {
