@@ -296,6 +296,9 @@ func (d *daemon) loadAll(set *Settings) error {
 	if err := d.loadState(wl); err != nil {
 		return err
 	}
+	// Which loaded triplets had passed is not saved: count only those
+	// first seen from now on as ending without a retry.
+	d.table.countFrom.Store(d.g.clock())
 	if set.usesRedis() {
 		remote, err := newRedisStore(set, d.log)
 		if err != nil {
@@ -856,6 +859,7 @@ func (d *daemon) UpdateStats(st *Stats) {
 	st.Evictions = d.table.evicted.Load()
 	st.Expirations = d.table.expired.Load()
 	st.FutureTimesClamped = d.table.clamped.Load()
+	st.GreyUnretried = d.table.unretried.Load()
 	st.Saves, st.SaveFailures = d.saves.Load(), d.saveFailures.Load()
 	if s := d.lastSave.Load(); s != nil {
 		st.LastSave, st.LastSaveDuration, st.LastSaveBytes = s.at, s.elapsed, s.bytes

@@ -206,6 +206,17 @@ func (m *fpMap) resizeTo(groups int) {
 	old.release()
 }
 
+// remove deletes k and reports whether the map held it.
+func (m *fpMap) remove(k *[16]byte) bool {
+	t, g, i, ok := m.find(k)
+	if !ok {
+		return false
+	}
+	t.deleteAt(g, i)
+	m.count--
+	return true
+}
+
 // each calls f for every entry, with a pointer to its value (which f may
 // change); when f returns true, the entry is deleted.
 func (m *fpMap) each(f func(k *[16]byte, v *uint32) (remove bool)) {

@@ -128,6 +128,8 @@ var (
 		"Malformed-request log lines left out by the rate limit.", nil, nil)
 	descLogLost = prometheus.NewDesc("greydaemon_log_lines_lost_total",
 		"Log lines that could not be written (a closed pipe, a full disk), by stream.", []string{"stream"}, nil)
+	descUnretried = prometheus.NewDesc("greydaemon_grey_unretried_total",
+		"Grey triplets whose resend window ended (expired, or restarted as stale) without a retry that passed: mail greylisting kept out, most of it spam. Triplets first seen since the daemon started.", nil, nil)
 	descRetryDelay = prometheus.NewDesc("greydaemon_retry_delay_seconds",
 		"Delay from a triplet's first attempt to the retry that passed: what greylisting costs the mail that gets through.", nil, nil)
 	descListAnswers = prometheus.NewDesc("greydaemon_greylistd_answers_total",
@@ -151,7 +153,7 @@ type statsCollector struct {
 func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
-		descListAnswers, descRetryDelay, descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
+		descListAnswers, descRetryDelay, descUnretried, descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
 		descReloads, descLogDropped, descLogLost, descRedisUp, descRedisCalls, descFallbacks, descBuild,
 	} {
@@ -242,6 +244,7 @@ func (e metricEmitter) table(st *Stats) {
 	e.counter(descEvictions, st.Evictions)
 	e.counter(descExpirations, st.Expirations)
 	e.counter(descClamped, st.FutureTimesClamped)
+	e.counter(descUnretried, st.GreyUnretried)
 }
 
 // listAnswers sends the greylistd socket's answers by command and list,

@@ -14,6 +14,7 @@ type Stats struct {
 	Evictions              uint64 // entries dropped to respect the cap
 	Expirations            uint64 // entries dropped by sweeps because they expired
 	FutureTimesClamped     uint64 // entry times found in the future and set to now
+	GreyUnretried          uint64 // grey triplets whose time ended without a retry that passed
 
 	Saves, SaveFailures uint64
 	LastSave            time.Time     // when the last good save ended; zero if none yet

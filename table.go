@@ -34,6 +34,12 @@ type table struct {
 	evicted atomic.Uint64 // entries dropped to respect the cap
 	expired atomic.Uint64 // entries dropped by sweeps because they expired
 	clamped atomic.Uint64 // times found in the future and set to now
+	// unretried counts the grey triplets whose time ended (dropped as
+	// expired, or restarted as stale) without a retry that passed; only
+	// those first seen at countFrom or later, since the table does not
+	// know which triplets loaded from a state file had passed.
+	unretried atomic.Uint64
+	countFrom atomic.Uint32
 }
 
 // A shard is one lock-striped part of a table. The padding keeps two
@@ -42,6 +48,9 @@ type shard struct {
 	mu    sync.RWMutex
 	known fpMap // client key -> last seen
 	grey  fpMap // triplet key -> first seen
+	// passed holds the grey triplets that passed a retry, with their first
+	// seen time (a triplet restarted later is another one).
+	passed fpMap
 	// lists holds greylistd's entries (greylistd.go); nil until the first.
 	lists map[listKey]listEntry
 	_     [64]byte
@@ -147,6 +156,7 @@ func newTable(nShards, maxEntries int) *table {
 		for i := range shards {
 			shards[i].known.free()
 			shards[i].grey.free()
+			shards[i].passed.free()
 		}
 	}, t.shards)
 	return t
@@ -187,7 +197,7 @@ func (t *table) markKnown(client clientKey, now uint32, exp expiry) {
 	if _, ok := s.known.get(k); ok {
 		s.known.set(k, now)
 	} else {
-		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t, now, exp)
 		s.known.insert(k, now)
 	}
 	s.mu.Unlock()
@@ -216,10 +226,18 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 	// Retries that change nothing (too soon, good) need only the read lock.
 	s.mu.RLock()
 	first, ok := s.grey.get(key)
+	marked := false
+	if ok {
+		p, pok := s.passed.get(key)
+		marked = pok && p == first
+	}
 	s.mu.RUnlock()
 	if a := age(now, first); ok && a < window {
 		if a < minDelay {
 			return greyTooSoon, first
+		}
+		if !marked {
+			s.markPassed(key, first)
 		}
 		return greyRetryOK, first
 	}
@@ -230,13 +248,17 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 	seen := now
 	switch a := age(now, first); {
 	case !ok:
-		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t, now, exp)
 		s.grey.insert(key, now)
 	case a < minDelay:
 		state, seen = greyTooSoon, first
 	case a < window:
 		state, seen = greyRetryOK, first
+		s.passed.set(key, first)
 	default:
+		if s.endGrey(key, first, t.countFrom.Load()) {
+			t.unretried.Add(1)
+		}
 		s.grey.set(key, now)
 		state = greyStale
 	}
@@ -245,6 +267,63 @@ func (t *table) observeTriplet(k tripletKey, now, minDelay, window uint32, exp e
 		t.evicted.Add(uint64(evicted))
 	}
 	return state, seen
+}
+
+// markPassed records that the grey triplet key, first seen at first,
+// passed a retry (unless it changed meanwhile).
+func (s *shard) markPassed(key *[16]byte, first uint32) {
+	s.mu.Lock()
+	if v, ok := s.grey.get(key); ok && v == first {
+		s.passed.set(key, first)
+	}
+	s.mu.Unlock()
+}
+
+// endGrey forgets that the grey triplet key, first seen at first, passed,
+// as its time ends, and reports whether it ended without a retry that
+// passed, counting only triplets first seen at from or later. The shard's
+// lock is held.
+func (s *shard) endGrey(key *[16]byte, first, from uint32) bool {
+	if s.passed.len() > 0 {
+		if p, ok := s.passed.get(key); ok {
+			s.passed.remove(key)
+			if p == first {
+				return false
+			}
+		}
+	}
+	return first >= from
+}
+
+// deleteExpiredGrey deletes the grey triplets older than limit, counting in
+// *unretried those that ended without a retry that passed (see endGrey),
+// and returns how many it deleted. The shard's lock is held.
+func (s *shard) deleteExpiredGrey(now, limit, from uint32, unretried *int) int {
+	n := 0
+	s.grey.each(func(k *[16]byte, t *uint32) bool {
+		if age(now, *t) < limit {
+			return false
+		}
+		if s.endGrey(k, *t, from) {
+			*unretried++
+		}
+		n++
+		return true
+	})
+	return n
+}
+
+// prunePassed drops from passed the triplets the grey map no longer holds
+// as they were (after an eviction). The shard's lock is held.
+func (s *shard) prunePassed() {
+	if s.passed.len() == 0 {
+		return
+	}
+	s.passed.each(func(k *[16]byte, p *uint32) bool {
+		v, ok := s.grey.get(k)
+		return !ok || v != *p
+	})
+	s.passed.shrink()
 }
 
 // age returns now-then in seconds, or 0 if the clock went backwards.
@@ -270,13 +349,17 @@ func clampFuture(t, now uint32) (uint32, bool) {
 // seen known IPs, until 1/evictFraction of the shard is free, so that the
 // cost of the scan is shared by many inserts. It returns how many entries
 // were evicted (expired ones included). The caller holds s.mu for writing.
-func (s *shard) makeRoomLocked(capacity int, now uint32, exp expiry) int {
+func (s *shard) makeRoomLocked(t *table, now uint32, exp expiry) int {
+	capacity := t.shardCap
 	if s.size() < capacity {
 		return 0
 	}
+	defer s.prunePassed()
 	target := capacity - max(capacity/evictFraction, 1)
+	unretried := 0
 	dropped := deleteOlderThan(&s.known, now, exp.knownLifetime)
-	dropped += deleteOlderThan(&s.grey, now, exp.greyLifetime)
+	dropped += s.deleteExpiredGrey(now, exp.greyLifetime, t.countFrom.Load(), &unretried)
+	t.unretried.Add(uint64(unretried))
 	dropped += deleteExpiredLists(s.lists, now, exp)
 	// Grey entries go first (a sender that retries is greylisted again,
 	// at worst), then known IPs, then greylistd's white and black lists.
@@ -411,12 +494,17 @@ func (t *table) sweepShard(i int, now uint32, exp expiry) int {
 	s := &t.shards[i]
 	s.mu.Lock()
 	clamped := clampFutureTimes(&s.known, now) + clampFutureTimes(&s.grey, now)
+	unretried := 0
 	n := deleteOlderThan(&s.known, now, exp.knownLifetime)
-	n += deleteOlderThan(&s.grey, now, exp.greyLifetime)
+	n += s.deleteExpiredGrey(now, exp.greyLifetime, t.countFrom.Load(), &unretried)
 	n += deleteExpiredLists(s.lists, now, exp)
 	s.known.shrink()
 	s.grey.shrink()
+	s.passed.shrink()
 	s.mu.Unlock()
+	if unretried > 0 {
+		t.unretried.Add(uint64(unretried))
+	}
 	if n > 0 {
 		t.expired.Add(uint64(n))
 	}
@@ -550,7 +638,7 @@ func (t *table) changeList(k listKey, now uint32, exp expiry, change func(old li
 	next, keep := change(old, found)
 	switch {
 	case keep && !found:
-		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t, now, exp)
 		if s.lists == nil {
 			s.lists = make(map[listKey]listEntry)
 		}
@@ -641,7 +729,7 @@ func (t *table) restoreKnown(client clientKey, lastSeen, now uint32, exp expiry)
 	if old, ok := s.known.get(k); ok {
 		s.known.set(k, max(old, lastSeen))
 	} else {
-		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t, now, exp)
 		s.known.insert(k, lastSeen)
 	}
 	s.mu.Unlock()
@@ -671,7 +759,7 @@ func (t *table) restoreList(k listKey, e listEntry, now uint32, exp expiry) bool
 	var evicted int
 	_, held := s.lists[k]
 	if !held {
-		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t, now, exp)
 		if s.lists == nil {
 			s.lists = make(map[listKey]listEntry)
 		}
@@ -695,7 +783,7 @@ func (t *table) restoreGrey(k tripletKey, firstSeen, now uint32, exp expiry) {
 	if old, ok := s.grey.get(key); ok {
 		s.grey.set(key, min(old, firstSeen))
 	} else {
-		evicted = s.makeRoomLocked(t.shardCap, now, exp)
+		evicted = s.makeRoomLocked(t, now, exp)
 		s.grey.insert(key, firstSeen)
 	}
 	s.mu.Unlock()

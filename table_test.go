@@ -332,3 +332,54 @@ func TestFutureTimesClamped(t *testing.T) {
 		t.Fatalf("%d known IPs and %d grey triplets left a lifetime later; want them expired", known, grey)
 	}
 }
+
+// TestGreyUnretriedCounted checks the count of grey triplets whose time
+// ended without a retry that passed: a triplet never retried and one only
+// retried too soon count when a sweep drops them, one that passed does
+// not; a stale triplet seen again after its window counts (unless it had
+// passed); triplets first seen before countFrom (loaded from a state file)
+// never count; and the passed marks go with their triplets.
+func TestGreyUnretriedCounted(t *testing.T) {
+	const delay, window = 300, 43200
+	now := uint32(1_700_000_000)
+	tb := newTable(4, 100_000)
+	tb.observeTriplet(tkey(99), now-10, delay, window, testExpiry) // before countFrom: loaded
+	tb.countFrom.Store(now)
+	for _, k := range []uint64{1, 2, 3, 4, 5} {
+		tb.observeTriplet(tkey(k), now, delay, window, testExpiry)
+	}
+	tb.observeTriplet(tkey(2), now+60, delay, window, testExpiry) // too soon
+	if st, _ := tb.observeTriplet(tkey(3), now+400, delay, window, testExpiry); st != greyRetryOK {
+		t.Fatalf("retry of 3: %v", st)
+	}
+	tb.observeTriplet(tkey(3), now+500, delay, window, testExpiry) // passes again: one mark
+	if st, _ := tb.observeTriplet(tkey(5), now+600, delay, window, testExpiry); st != greyRetryOK {
+		t.Fatalf("retry of 5: %v", st)
+	}
+	// 4 is seen again after its window: stale, restarted; it had no retry.
+	// 5 too, but it had passed.
+	for _, k := range []uint64{4, 5} {
+		if st, _ := tb.observeTriplet(tkey(k), now+window+10, delay, window, testExpiry); st != greyStale {
+			t.Fatalf("%d after the window: %v", k, st)
+		}
+	}
+	if got := tb.unretried.Load(); got != 1 {
+		t.Fatalf("after the stale restarts: %d unretried, want 1 (4)", got)
+	}
+	// A sweep after every lifetime: 1 and 2 count, 3 (passed) and 99
+	// (loaded) do not; 4 and 5 restarted and are young again.
+	later := now + testExpiry.greyLifetime + 1
+	for i := range tb.shards {
+		tb.sweepShard(i, later, testExpiry)
+	}
+	if got := tb.unretried.Load(); got != 3 {
+		t.Errorf("after the sweep: %d unretried, want 3 (4, then 1 and 2)", got)
+	}
+	marks := 0
+	for i := range tb.shards {
+		marks += tb.shards[i].passed.len()
+	}
+	if marks != 0 {
+		t.Errorf("%d passed marks left after their triplets went", marks)
+	}
+}
