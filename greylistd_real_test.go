@@ -323,28 +323,7 @@ func TestRealGreylistdOracle(t *testing.T) {
 	td := startTestDaemon(t, settingsOf(t, listConfig(edit, ours)), time.Now, nil)
 
 	const triplet = oracleTriplet
-	sequence := oracleSequence
-	ask := func(round string, requests []string) {
-		t.Helper()
-		for _, r := range requests {
-			want := askSocket(t, real, r, true)
-			got := askSocket(t, ours, r, true)
-			if got != want {
-				t.Errorf("%s: %q: greydaemon answered %q, greylistd %q", round, r, got, want)
-			}
-		}
-	}
-	ask("first round", sequence)
-	// retryMin is 1 second, compared in whole seconds, strictly: white
-	// two whole seconds later.
-	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(2100 * time.Millisecond)))
-	ask("after retryMin", []string{
-		"check --grey " + triplet,
-		"update --grey " + triplet,
-		"status " + triplet,
-		"update " + triplet,
-		"status 198.51.100.8",
-	})
+	ask := oracleRounds(t, real, func() string { return ours })
 	if got := askSocket(t, ours, "status "+triplet, true); got != "white" {
 		t.Fatalf("before the restart the triplet is %q, want white", got)
 	}
@@ -369,6 +348,37 @@ func TestRealGreylistdOracle(t *testing.T) {
 	if realAnswer != "true" {
 		t.Errorf("greylistd after a restart: %q; expected true (it forgets, its keys being per-process hashes)", realAnswer)
 	}
+}
+
+// oracleRounds sends oracleSequence, then, once greylistd_retry_min (1 s)
+// has passed, retries of oracleTriplet, to the real greylistd at real and
+// to the greydaemon socket that ours names for each request, and requires
+// the same replies. It returns a function that does the same for more
+// requests.
+func oracleRounds(t *testing.T, real string, ours func() string) func(round string, requests []string) {
+	t.Helper()
+	ask := func(round string, requests []string) {
+		t.Helper()
+		for _, r := range requests {
+			sock := ours()
+			want := askSocket(t, real, r, true)
+			if got := askSocket(t, sock, r, true); got != want {
+				t.Errorf("%s: %q at %s: greydaemon answered %q, greylistd %q", round, r, sock, got, want)
+			}
+		}
+	}
+	ask("first round", oracleSequence)
+	// retryMin is 1 second, compared in whole seconds, strictly: white
+	// two whole seconds later.
+	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(2100 * time.Millisecond)))
+	ask("after retryMin", []string{
+		"check --grey " + oracleTriplet,
+		"update --grey " + oracleTriplet,
+		"status " + oracleTriplet,
+		"update " + oracleTriplet,
+		"status 198.51.100.8",
+	})
+	return ask
 }
 
 // oracleTriplet is the data string of oracleSequence.
@@ -424,26 +434,7 @@ func TestRealGreylistdOracleRedis(t *testing.T) {
 		waitRedisConnected(t, td)
 	}
 	n := 0
-	ask := func(round string, requests []string) {
-		t.Helper()
-		for _, r := range requests {
-			want := askSocket(t, real, r, true)
-			got := askSocket(t, socks[n%2], r, true)
-			if got != want {
-				t.Errorf("%s: %q at daemon %d: greydaemon answered %q, greylistd %q", round, r, n%2, got, want)
-			}
-			n++
-		}
-	}
-	ask("first round", oracleSequence)
-	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(2100 * time.Millisecond)))
-	ask("after retryMin", []string{
-		"check --grey " + oracleTriplet,
-		"update --grey " + oracleTriplet,
-		"status " + oracleTriplet,
-		"update " + oracleTriplet,
-		"status 198.51.100.8",
-	})
+	oracleRounds(t, real, func() string { n++; return socks[n%2] })
 	if keys := redisDo(t, port, "KEYS", "greydaemon:l:*"); keys == "*0" {
 		t.Errorf("no greylistd entry in Redis")
 	}
