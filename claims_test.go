@@ -17,8 +17,8 @@ import (
 
 // TestTimerSaveAndLogFlush runs the daemon in a child process with a save
 // interval of about a second: it saves on its timer with no signal and no
-// request asking, and a decision line reaches stdout within the one-second
-// flush while the daemon keeps running.
+// request asking, and a decision line reaches stdout while the daemon
+// keeps running (it is written at once, not at exit).
 func TestTimerSaveAndLogFlush(t *testing.T) {
 	state := filepath.Join(t.TempDir(), "state")
 	var out syncBuffer

@@ -253,7 +253,6 @@ func (d *daemon) bindPolicy(set *Settings, owner *fileOwner, passed *passedSocke
 		}
 	}
 	d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections)}
-	d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
 	d.frontEnds = append(d.frontEnds, d.policy)
 	return nil
 }
