@@ -57,6 +57,15 @@ type Config struct {
 	GreylistdRetryMax   Duration `toml:"greylistd_retry_max"`    // greylistd's retryMax: grey entries unseen this long go
 	GreylistdExpire     Duration `toml:"greylistd_expire"`       // greylistd's expire: white and black entries unseen this long go
 
+	// The milter protocol, for Sendmail and other MTAs (milter.go).
+	MilterListen         string   `toml:"milter_listen"`          // host:port or unix:/path; empty: off
+	MilterSocketMode     string   `toml:"milter_socket_mode"`     // octal mode of a unix socket
+	MilterGroup          string   `toml:"milter_socket_group"`    // group of a unix socket (the MTA's); empty: the daemon's
+	MilterMaxConnections int      `toml:"milter_max_connections"` // conversations served at once
+	MilterIdleTimeout    Duration `toml:"milter_idle_timeout"`    // a conversation silent this long is closed
+	MilterAddHeader      bool     `toml:"milter_add_header"`      // X-Greylist header on mail that passed after a retry
+	MilterDelayedReject  bool     `toml:"milter_delayed_reject"`  // decide a null sender's recipients at DATA
+
 	// Shared state in Redis (redis.go).
 	RedisURL       string   `toml:"redis_url"`       // redis://[user:pass@]host:port/db or rediss://; empty: off
 	RedisSentinels []string `toml:"redis_sentinels"` // host:port of Sentinels, instead of redis_url
@@ -105,6 +114,11 @@ func defaultConfig() Config {
 		PolicyPrependHeader:  true,
 		PolicyMaxConnections: 256,
 		PolicyIdleTimeout:    Duration{10 * time.Minute},
+
+		MilterSocketMode:     "0660",
+		MilterMaxConnections: 256,
+		MilterIdleTimeout:    Duration{time.Hour},
+		MilterAddHeader:      true,
 
 		GreylistdSocketMode: "0660",
 		GreylistdRetryMin:   Duration{10 * time.Minute},

@@ -84,6 +84,7 @@ type daemon struct {
 	qmail     *server
 	policy    *policyServer  // nil unless policy_listen is set
 	list      *listServer    // nil unless greylistd_listen is set
+	milter    *milterServer  // nil unless milter_listen is set
 	metrics   *metricsServer // nil unless metrics_listen is set
 	frontEnds []frontEnd
 
@@ -205,8 +206,13 @@ func (d *daemon) bindFrontEnds(set *Settings, owner *fileOwner) error {
 			return err
 		}
 	}
+	if set.MilterListen != "" {
+		if err := d.bindMilter(set, owner, passed); err != nil {
+			return err
+		}
+	}
 	for _, ln := range passed.streams {
-		d.log.Warnf("the service manager passed the socket %s, which no front end is configured for (greylistd_listen, policy_listen); closing it", ln.Addr())
+		d.log.Warnf("the service manager passed the socket %s, which no front end is configured for (greylistd_listen, policy_listen, milter_listen); closing it", ln.Addr())
 	}
 	if set.MetricsListen != "" {
 		ms, err := listenMetrics(set.MetricsListen, d.UpdateStats)
@@ -254,6 +260,28 @@ func (d *daemon) bindPolicy(set *Settings, owner *fileOwner, passed *passedSocke
 	}
 	d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections)}
 	d.frontEnds = append(d.frontEnds, d.policy)
+	return nil
+}
+
+// bindMilter binds milter_listen, or takes the unix socket passed for it.
+func (d *daemon) bindMilter(set *Settings, owner *fileOwner, passed *passedSockets) error {
+	var ln net.Listener
+	var unixPath string
+	path, isUnix := strings.CutPrefix(set.MilterListen, "unix:")
+	if l := passed.takeUnix(path); isUnix && l != nil {
+		ln = l
+		d.log.Infof("milter_listen: using the socket %s passed by the service manager", path)
+	} else {
+		gid, err := socketGroup(set, "milter_socket_group", set.MilterGroup)
+		if err != nil {
+			return err
+		}
+		if ln, unixPath, err = listenStream(set.MilterListen, set.MilterMode, owner, gid, "milter conversations"); err != nil {
+			return fmt.Errorf("%s: %w", set.Source.describe("milter_listen"), err)
+		}
+	}
+	d.milter = newMilterServer(ln, unixPath, d.log, set.MilterMaxConnections)
+	d.frontEnds = append(d.frontEnds, d.milter)
 	return nil
 }
 
@@ -321,6 +349,9 @@ func (d *daemon) connectFrontEnds(set *Settings) {
 	if d.policy != nil {
 		d.policy.g, d.policy.dlog = d.g, d.dlog
 	}
+	if d.milter != nil {
+		d.milter.g, d.milter.dlog = d.g, d.dlog
+	}
 	if d.list != nil {
 		d.list.book, d.list.dlog = newListBook(d.g), d.dlog
 		d.list.book.save = d.saveForRequest
@@ -341,6 +372,11 @@ func (d *daemon) applyToFrontEnds(set *Settings) {
 		d.policy.replies.Store(policyRepliesOf(set))
 		d.policy.idle.Store(int64(set.PolicyIdleTimeout.Duration))
 	}
+	if d.milter != nil {
+		d.milter.allow.Store(set.Allow)
+		d.milter.replies.Store(milterRepliesOf(set))
+		d.milter.idle.Store(int64(set.MilterIdleTimeout.Duration))
+	}
 }
 
 // listMaxConnections caps the greylistd socket's open connections: each is
@@ -354,7 +390,7 @@ func (d *daemon) listenPolicy(set *Settings, owner *fileOwner) (net.Listener, st
 	if err != nil {
 		return nil, "", err
 	}
-	ln, path, err := listenPolicy(set.PolicyListen, set.PolicyMode, owner, gid)
+	ln, path, err := listenStream(set.PolicyListen, set.PolicyMode, owner, gid, "policy requests")
 	if err != nil {
 		return nil, "", fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
 	}
@@ -780,6 +816,7 @@ var restartOnly = map[string]bool{
 	"ipv4_prefix": true, "ipv6_prefix": true, "normalize_sender": true,
 	"policy_listen": true, "policy_socket_mode": true, "policy_socket_group": true, "policy_max_connections": true,
 	"greylistd_listen": true, "greylistd_socket_mode": true, "greylistd_socket_group": true,
+	"milter_listen": true, "milter_socket_mode": true, "milter_socket_group": true, "milter_max_connections": true,
 	"redis_url": true, "redis_sentinels": true, "redis_master": true, "redis_prefix": true,
 	"redis_timeout": true, "redis_fallback": true,
 }
@@ -790,6 +827,7 @@ var reloadable = map[string]bool{
 	"min_resend_delay": true, "debug": true, "allow": true,
 	"policy_defer_text": true, "policy_prepend_header": true, "policy_idle_timeout": true,
 	"greylistd_retry_min": true, "greylistd_retry_max": true, "greylistd_expire": true,
+	"milter_idle_timeout": true, "milter_add_header": true, "milter_delayed_reject": true,
 }
 
 // keepRestartOnly returns set with the running value of every restartOnly
@@ -819,6 +857,13 @@ func (d *daemon) keepRestartOnly(set *Settings) (*Settings, error) {
 func policyRepliesOf(set *Settings) *policyReplies {
 	text, _ := parseDeferText(set.PolicyDeferText) // checked by resolve
 	return &policyReplies{deferText: text, prepend: set.PolicyPrependHeader}
+}
+
+// milterRepliesOf returns the milter reply settings of set: its own, and
+// the Postfix front end's defer text.
+func milterRepliesOf(set *Settings) *milterReplies {
+	text, _ := parseDeferText(set.PolicyDeferText) // checked by resolve
+	return &milterReplies{deferText: text, header: set.MilterAddHeader, delayedReject: set.MilterDelayedReject}
 }
 
 // fromFile returns " from FILE" when the settings came from a config file.

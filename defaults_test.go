@@ -42,6 +42,13 @@ func TestDocumentedDefaults(t *testing.T) {
 		{"policy_prepend_header", set.PolicyPrependHeader, true},
 		{"policy_max_connections", set.PolicyMaxConnections, 256},
 		{"policy_idle_timeout", set.PolicyIdleTimeout.Duration, 10 * time.Minute},
+		{"milter_listen", set.MilterListen, ""},
+		{"milter_socket_mode", set.MilterMode, os.FileMode(0o660)},
+		{"milter_socket_group", set.MilterGroup, ""},
+		{"milter_max_connections", set.MilterMaxConnections, 256},
+		{"milter_idle_timeout", set.MilterIdleTimeout.Duration, time.Hour},
+		{"milter_add_header", set.MilterAddHeader, true},
+		{"milter_delayed_reject", set.MilterDelayedReject, false},
 		{"greylistd_socket_mode", set.ListMode, os.FileMode(0o660)},
 		{"greylistd_retry_min", set.Policy.ListRetryMin, uint32(600)},
 		{"greylistd_retry_max", set.Policy.ListRetryMax, uint32(8 * 3600)},
@@ -66,6 +73,8 @@ func TestDocumentedDefaults(t *testing.T) {
 		{"bytes of a request in a log line", maxLoggedRequest, 1024},
 		{"malformed-request lines a second", badPerSecond, 5},
 		{"bytes of log lines queued for a stuck reader", lossyQueueLimit, 1 << 20},
+		{"bytes of a milter packet", milterMaxPacket, 64 << 10},
+		{"null-sender recipients held for DATA", milterMaxHeld, 1000},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s: %d, want %d", c.what, c.got, c.want)
@@ -76,6 +85,7 @@ func TestDocumentedDefaults(t *testing.T) {
 		got, want time.Duration
 	}{
 		{"shutdown grace of a stream connection", stopGrace, 2 * time.Second},
+		{"milter reply write deadline", milterWriteTimeout, 10 * time.Second},
 		{"log flush at exit", logFlushTimeout, 2 * time.Second},
 		{"Redis close at exit", redisCloseTimeout, 2 * time.Second},
 		{"floor between requested saves", saveRequestFloor, 5 * time.Second},

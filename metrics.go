@@ -94,6 +94,9 @@ var (
 		[]string{"frontend", "action", "reason", "reply"}, nil)
 	descMalformed = prometheus.NewDesc("greydaemon_malformed_requests_total",
 		"Malformed requests, which get no reply, by front end.", []string{"frontend"}, nil)
+	descUnchecked = prometheus.NewDesc("greydaemon_unchecked_total",
+		"Recipients passed without a decision or a table entry, by front end and why: the client authenticated, or has no IP address.",
+		[]string{"frontend", "reason"}, nil)
 	descRefused = prometheus.NewDesc("greydaemon_refused_requests_total",
 		"Requests from networks outside the allow list, dropped without a reply, by front end.", []string{"frontend"}, nil)
 	descReplies = prometheus.NewDesc("greydaemon_replies_total",
@@ -152,7 +155,7 @@ type statsCollector struct {
 // Describe sends every description the collector uses.
 func (c *statsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		descRequests, descDecisions, descMalformed, descRefused, descReplies, descIOErrors,
+		descRequests, descDecisions, descUnchecked, descMalformed, descRefused, descReplies, descIOErrors,
 		descListAnswers, descRetryDelay, descUnretried, descEntries, descMaxEntries, descEvictions, descExpirations, descClamped,
 		descSaves, descSaveFailures, descSaveDuration, descSaveSize, descSaveTime, descLoad,
 		descReloads, descLogDropped, descLogLost, descRedisUp, descRedisCalls, descFallbacks, descBuild,
@@ -223,6 +226,11 @@ func (e metricEmitter) frontEnd(fe *FrontEndStats) {
 	e.counter(descReplies, fe.Replies, fe.Name)
 	e.counter(descIOErrors, fe.ReadErrors, fe.Name, "read")
 	e.counter(descIOErrors, fe.WriteErrors, fe.Name, "write")
+	if fe.PassesUnchecked {
+		for i, reason := range uncheckedReasons {
+			e.counter(descUnchecked, fe.Unchecked[i], fe.Name, reason)
+		}
+	}
 	if !fe.Decides {
 		return
 	}

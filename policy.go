@@ -167,9 +167,11 @@ type policyCounts struct {
 	_                                     [64]byte
 }
 
-// listenPolicy binds the policy listener: a TCP address, or a unix socket
-// with the given mode, made by owner with the group gid (see listenUnix).
-func listenPolicy(spec string, mode os.FileMode, owner *fileOwner, gid int) (net.Listener, string, error) {
+// listenStream binds a stream front end's listener, spec as
+// policyAddress reads it: a TCP address, or a unix socket with the given
+// mode, made by owner with the group gid (see listenUnix). purpose names
+// what it answers, for errors. It returns the socket's path, "" for TCP.
+func listenStream(spec string, mode os.FileMode, owner *fileOwner, gid int, purpose string) (net.Listener, string, error) {
 	addr, err := policyAddress(spec)
 	if err != nil {
 		return nil, "", err
@@ -177,11 +179,11 @@ func listenPolicy(spec string, mode os.FileMode, owner *fileOwner, gid int) (net
 	if addr[0] == "tcp" {
 		ln, err := net.Listen("tcp", addr[1])
 		if err != nil {
-			return nil, "", fmt.Errorf("cannot listen on %s for policy requests: %w", addr[1], err)
+			return nil, "", fmt.Errorf("cannot listen on %s for %s: %w", addr[1], purpose, err)
 		}
 		return ln, "", nil
 	}
-	ln, err := listenUnix(addr[1], mode, owner, gid, "policy requests")
+	ln, err := listenUnix(addr[1], mode, owner, gid, purpose)
 	if err != nil {
 		return nil, "", err
 	}
@@ -432,12 +434,19 @@ func (p *policyServer) bad(pc *policyConn, counts *policyCounts, peer, what stri
 	}
 }
 
-// appendPolicyLogLine appends a decision line for a policy request, in the
-// qmail lines' format with the front end named first:
+// appendPolicyLogLine appends a decision line for a policy request.
+func appendPolicyLogLine(dst []byte, peer, event string, client, sender, rcpt []byte) []byte {
+	return appendDecisionLine(dst, "postfix", peer, event, client, sender, rcpt)
+}
+
+// appendDecisionLine appends a decision line for one recipient asked by
+// the front end name, in the qmail lines' format with the front end named
+// first:
 //
 //	postfix <peer> <event> I<client> F<sender> T<recipient>
-func appendPolicyLogLine(dst []byte, peer, event string, client, sender, rcpt []byte) []byte {
-	dst = append(dst, "postfix "...)
+func appendDecisionLine(dst []byte, name, peer, event string, client, sender, rcpt []byte) []byte {
+	dst = append(dst, name...)
+	dst = append(dst, ' ')
 	dst = append(dst, peer...)
 	dst = append(dst, ' ')
 	dst = append(dst, event...)

@@ -26,6 +26,7 @@ type Settings struct {
 	Grouping   addrGrouping // how client addresses are keyed
 	PolicyMode fs.FileMode  // the policy socket's mode, from PolicySocketMode
 	ListMode   fs.FileMode  // the greylistd socket's mode, from GreylistdSocketMode
+	MilterMode fs.FileMode  // the milter socket's mode, from MilterSocketMode
 	Source     Source       // where the values came from
 }
 
@@ -176,12 +177,29 @@ func (c *Config) frontEndProblems(p *problemList) {
 	if c.PolicyIdleTimeout.Duration < time.Second || c.PolicyIdleTimeout.Duration > maxDuration {
 		p.bad("policy_idle_timeout", "must be at least 1s, got %q", c.PolicyIdleTimeout.Duration)
 	}
+	c.milterProblems(p)
 	if c.MetricsListen != "" {
 		if _, port, err := net.SplitHostPort(c.MetricsListen); err != nil {
 			p.bad("metrics_listen", "want host:port, got %q", c.MetricsListen)
 		} else if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
 			p.bad("metrics_listen", "bad port %q in %q", port, c.MetricsListen)
 		}
+	}
+}
+
+// milterProblems checks the milter listener and its settings.
+func (c *Config) milterProblems(p *problemList) {
+	if _, err := policyAddress(c.MilterListen); err != nil {
+		p.bad("milter_listen", "%v", err)
+	}
+	if _, err := parseSocketMode(c.MilterSocketMode); err != nil {
+		p.bad("milter_socket_mode", "%v", err)
+	}
+	if c.MilterMaxConnections < 1 || c.MilterMaxConnections > 100_000 {
+		p.bad("milter_max_connections", "must be 1 to 100000, got %d", c.MilterMaxConnections)
+	}
+	if c.MilterIdleTimeout.Duration < time.Second || c.MilterIdleTimeout.Duration > maxDuration {
+		p.bad("milter_idle_timeout", "must be at least 1s, got %q", c.MilterIdleTimeout.Duration)
 	}
 }
 
@@ -229,12 +247,14 @@ func resolve(c Config, src Source) (*Settings, error) {
 	allow, _ := parseAllow(c.Allow)
 	mode, _ := parseSocketMode(c.PolicySocketMode)
 	listMode, _ := parseSocketMode(c.GreylistdSocketMode)
+	milterMode, _ := parseSocketMode(c.MilterSocketMode)
 	return &Settings{
 		Config:     c,
 		ListenAddr: addr,
 		Grouping:   addrGrouping{v4Bits: c.IPv4Prefix, v6Bits: c.IPv6Prefix},
 		PolicyMode: mode,
 		ListMode:   listMode,
+		MilterMode: milterMode,
 		Policy: Policy{
 			KnownIPLifetime: ceilSeconds(c.KnownIPLifetime.Duration),
 			ResendWindow:    ceilSeconds(c.ResendWindow.Duration),

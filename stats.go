@@ -53,8 +53,23 @@ type FrontEndStats struct {
 	ReadErrors  uint64              // failed reads
 	WriteErrors uint64              // replies that could not be sent
 	Verdicts    [numVerdicts]uint64 // by verdict, for a front end that Decides
-	Decides     bool                // it answers with qmail's verdicts (qmail, Postfix)
+	Decides     bool                // it answers with qmail's verdicts (qmail, Postfix, milter)
+
+	// Unchecked counts recipients passed without a decision, by why (the
+	// unchecked... constants), for a front end that PassesUnchecked.
+	Unchecked       [numUnchecked]uint64
+	PassesUnchecked bool // the milter's
 }
+
+// Why a recipient passed without a decision.
+const (
+	uncheckedAuthenticated = iota // the client authenticated (SMTP AUTH)
+	uncheckedNoAddress            // the client has no IP address: a local submission
+	numUnchecked
+)
+
+// uncheckedReasons names them for the metrics.
+var uncheckedReasons = [numUnchecked]string{"authenticated", "no_client_address"}
 
 // A statsReporter is a front end that counts what it does.
 type statsReporter interface {

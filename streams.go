@@ -24,6 +24,9 @@ const stopGrace = 2 * time.Second
 // each on a goroutine of its own, until close.
 type connSet struct {
 	max int
+	// readGrace is how long a connection may go on reading once close is
+	// called: 0 stops its reads at once.
+	readGrace time.Duration
 
 	mu      sync.Mutex
 	conns   map[net.Conn]struct{}
@@ -123,15 +126,19 @@ func (cs *connSet) unlessClosing(set func()) bool {
 }
 
 // close stops accepting on ln and makes every connection's reads fail at
-// once and its writes within stopGrace, so that each finishes what it is
+// once (or after readGrace) and its writes within stopGrace, so that each finishes what it is
 // answering and returns.
 func (cs *connSet) close(ln net.Listener) error {
 	cs.mu.Lock()
 	cs.closing = true
-	grace := time.Now().Add(stopGrace)
+	now := time.Now()
+	readEnd := time.Unix(1, 0)
+	if cs.readGrace > 0 {
+		readEnd = now.Add(cs.readGrace)
+	}
 	for c := range cs.conns {
-		c.SetReadDeadline(time.Unix(1, 0))
-		c.SetWriteDeadline(grace)
+		c.SetReadDeadline(readEnd)
+		c.SetWriteDeadline(now.Add(stopGrace))
 	}
 	cs.mu.Unlock()
 	return ln.Close()
