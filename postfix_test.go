@@ -36,6 +36,15 @@ func freeTCPPort(t *testing.T) int {
 // policy service at inetPolicy and on unixPort the one at unixPolicy.
 func startPostfix(t *testing.T, dir string, tcpPort, unixPort int, inetPolicy, unixPolicy string) {
 	t.Helper()
+	startPostfixWith(t, dir, fmt.Sprintf(`smtpd_recipient_restrictions = reject_unauth_destination, check_policy_service %s
+unix_restrictions = reject_unauth_destination, check_policy_service %s
+`, inetPolicy, unixPolicy), map[int]string{tcpPort: "", unixPort: "-o smtpd_recipient_restrictions=$unix_restrictions"})
+}
+
+// startPostfixWith starts a private Postfix with the main.cf lines extra
+// and an smtpd on each port of smtpds, with that port's -o options.
+func startPostfixWith(t *testing.T, dir, extra string, smtpds map[int]string) {
+	t.Helper()
 	postfix := requireTool(t, "postfix", "postfix")
 	conf := filepath.Join(dir, "conf")
 	for _, d := range []string{conf, filepath.Join(dir, "queue"), filepath.Join(dir, "data")} {
@@ -76,9 +85,7 @@ alias_database =
 biff = no
 maillog_file = %[1]s/maillog
 maillog_file_prefixes = %[1]s
-smtpd_recipient_restrictions = reject_unauth_destination, check_policy_service %[2]s
-unix_restrictions = reject_unauth_destination, check_policy_service %[3]s
-`, dir, inetPolicy, unixPolicy)
+%[2]s`, dir, extra)
 	if err := os.WriteFile(filepath.Join(conf, "main.cf"), []byte(mainCF), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -99,9 +106,9 @@ unix_restrictions = reject_unauth_destination, check_policy_service %[3]s
 		}
 		master = append(master, line)
 	}
-	master = append(master,
-		fmt.Sprintf("127.0.0.1:%d inet n - n - - smtpd", tcpPort),
-		fmt.Sprintf("127.0.0.1:%d inet n - n - - smtpd -o smtpd_recipient_restrictions=$unix_restrictions", unixPort))
+	for port, options := range smtpds {
+		master = append(master, fmt.Sprintf("127.0.0.1:%d inet n - n - - smtpd %s", port, options))
+	}
 	if err := os.WriteFile(filepath.Join(conf, "master.cf"), []byte(strings.Join(master, "\n")+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +118,7 @@ unix_restrictions = reject_unauth_destination, check_policy_service %[3]s
 		t.Fatalf("postfix start: %v\n%s\n%s", err, out, log)
 	}
 	t.Cleanup(func() { exec.Command(postfix, "-c", conf, "stop").Run() })
-	for _, port := range []int{tcpPort, unixPort} {
+	for port := range smtpds {
 		for i := 0; ; i++ {
 			c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
 			if err == nil {

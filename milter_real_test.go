@@ -1,0 +1,144 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/smtp"
+	"net/textproto"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// This file runs the real MTAs against the milter front end: Debian's
+// Postfix (smtpd_milters, over TCP and over a unix socket) and Debian's
+// Sendmail (INPUT_MAIL_FILTER, unpacked beside Postfix as its package
+// conflicts with it). Each gets the same three checks: the first RCPT is
+// deferred, the retry after the minimum delay is accepted and its queued
+// message carries the X-Greylist header, and the qmail front end then
+// answers the client as known.
+
+// smtpMessage sends one message over SMTP to port from sender to rcpts
+// and returns each RCPT's reply ("250" or the code and text) and DATA's
+// ("250", or the code and text; "" when no recipient was accepted).
+func smtpMessage(t *testing.T, port int, sender string, rcpts ...string) (rcptReplies []string, data string) {
+	t.Helper()
+	c, err := smtp.Dial(fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Hello("client.example"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Mail(sender); err != nil {
+		t.Fatal(err)
+	}
+	reply := func(err error) string {
+		var te *textproto.Error
+		switch {
+		case err == nil:
+			return "250"
+		case errors.As(err, &te):
+			return fmt.Sprintf("%d %s", te.Code, te.Msg)
+		}
+		t.Fatal(err)
+		return ""
+	}
+	accepted := 0
+	for _, r := range rcpts {
+		got := reply(c.Rcpt(r))
+		rcptReplies = append(rcptReplies, got)
+		if got == "250" {
+			accepted++
+		}
+	}
+	if accepted == 0 {
+		c.Quit()
+		return rcptReplies, ""
+	}
+	w, err := c.Data()
+	if err != nil {
+		return rcptReplies, reply(err)
+	}
+	fmt.Fprintf(w, "From: %s\r\nTo: %s\r\nSubject: greylisting test\r\n\r\nHello.\r\n", sender, rcpts[0])
+	data = reply(w.Close())
+	c.Quit()
+	return rcptReplies, data
+}
+
+// milterMTAChecks runs the three checks against an MTA on port whose
+// milter is td's, whose clock is clock; queued returns the text of each
+// message the MTA has queued.
+func milterMTAChecks(t *testing.T, td *testDaemon, clock *fakeClock, port int, queued func() []string) {
+	t.Helper()
+	sender := fmt.Sprintf("alice%d@sender.example", port)
+	rcpts, _ := smtpMessage(t, port, sender, "bob@rcpt.example")
+	if want := "451 4.7.1 Greylisted, please try again in 300 seconds"; len(rcpts) != 1 || rcpts[0] != want {
+		t.Fatalf("first attempt: RCPT got %q, want %q", rcpts, want)
+	}
+	clock.advance(5*time.Minute + 2*time.Second)
+	rcpts, data := smtpMessage(t, port, sender, "bob@rcpt.example")
+	if len(rcpts) != 1 || rcpts[0] != "250" || !strings.HasPrefix(data, "250") {
+		t.Fatalf("retry after the minimum delay: RCPT got %q, DATA %q, want 250 and 250", rcpts, data)
+	}
+	text := ""
+	for i := 0; i < 100 && text == ""; i++ {
+		for _, m := range queued() {
+			if strings.Contains(m, "From: "+sender) {
+				text = m
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(text, "\nX-Greylist: delayed 302 seconds by greydaemon") {
+		t.Errorf("queued message lacks the X-Greylist header:\n%s", text)
+	}
+	if got := qmailAsk(t, td.addr, req("127.0.0.1", sender, "carol@rcpt.example")); got != "\x01\x02" {
+		t.Errorf("qmail query for the client afterwards: %q, want known (0102)", got)
+	}
+}
+
+// TestRealPostfixMilter runs Postfix's smtpd with smtpd_milters over TCP
+// and over a unix socket in Postfix's group, holding every message it
+// accepts so that its headers can be read.
+func TestRealPostfixMilter(t *testing.T) {
+	requireRoot(t, "for Postfix's master")
+	requireTool(t, "postfix", "postfix")
+	postcat := requireTool(t, "postcat", "postfix")
+	dir, err := os.MkdirTemp("", "greydaemon-postfix-milter-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755) // Postfix's daemons run as user postfix
+	t.Cleanup(func() { os.RemoveAll(dir) })
+
+	tcpClock, unixClock := newFakeClock(), newFakeClock()
+	tcpDaemon := startMilterDaemon(t, "tcp", tcpClock, "")
+	sock := filepath.Join(dir, "milter.sock")
+	unixConf := writeTemp(t, "unix.toml", fmt.Sprintf("milter_listen = %q\nmilter_socket_group = \"postfix\"\n", "unix:"+sock))
+	unixDaemon := startTestDaemon(t, settingsFromFile(t, unixConf), unixClock.now, nil)
+	tcpPort, unixPort := freeTCPPort(t), freeTCPPort(t)
+	// As the docs recommend: tempfail when greydaemon cannot answer.
+	startPostfixWith(t, dir, `smtpd_recipient_restrictions = reject_unauth_destination
+smtpd_data_restrictions = check_client_access static:HOLD
+milter_default_action = tempfail
+`, map[int]string{
+		tcpPort:  "-o smtpd_milters=inet:" + tcpDaemon.addrs["milter"].String(),
+		unixPort: "-o smtpd_milters=unix:" + sock,
+	})
+	queued := func() []string {
+		var all []string
+		files, _ := filepath.Glob(filepath.Join(dir, "queue", "hold", "*"))
+		for _, f := range files {
+			out, _ := exec.Command(postcat, "-c", filepath.Join(dir, "conf"), f).CombinedOutput()
+			all = append(all, string(out))
+		}
+		return all
+	}
+	t.Run("tcp", func(t *testing.T) { milterMTAChecks(t, tcpDaemon, tcpClock, tcpPort, queued) })
+	t.Run("unix", func(t *testing.T) { milterMTAChecks(t, unixDaemon, unixClock, unixPort, queued) })
+}
