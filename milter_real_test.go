@@ -3,12 +3,14 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/smtp"
 	"net/textproto"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -141,4 +143,113 @@ milter_default_action = tempfail
 	}
 	t.Run("tcp", func(t *testing.T) { milterMTAChecks(t, tcpDaemon, tcpClock, tcpPort, queued) })
 	t.Run("unix", func(t *testing.T) { milterMTAChecks(t, unixDaemon, unixClock, unixPort, queued) })
+}
+
+// sendmailEnv names the directory Debian's sendmail-bin and sendmail-cf
+// packages are unpacked in (.ci/run unpacks them beside Postfix, whose
+// package conflicts with them); without it, an installed Sendmail is used.
+const sendmailEnv = "GREYDAEMON_SENDMAIL"
+
+// findSendmail returns the root that Sendmail's binary and its cf files
+// are under, or skips the test (fails it under GREYDAEMON_REQUIRE_TOOLS)
+// when there is none.
+func findSendmail(t *testing.T) string {
+	t.Helper()
+	roots := []string{"/"}
+	if dir := os.Getenv(sendmailEnv); dir != "" {
+		roots = []string{dir}
+	}
+	for _, root := range roots {
+		if _, err := os.Stat(filepath.Join(root, "usr/libexec/sendmail/sendmail")); err == nil {
+			return root
+		}
+	}
+	msg := fmt.Sprintf("Sendmail is not installed (apt-get download sendmail-bin sendmail-cf and dpkg-deb -x them into a directory named by %s, as .ci/run does)", sendmailEnv)
+	if os.Getenv(requireToolsEnv) != "" {
+		t.Fatalf("%s, and %s is set", msg, requireToolsEnv)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+// sendmailMC is the private Sendmail configuration, for sendmail-cf's m4:
+// a daemon on 127.0.0.1 that queues what it accepts without delivering
+// it, relays anything (the test's recipients are nowhere), and asks
+// greydaemon's milter with the flags the docs recommend.
+const sendmailMC = `divert(-1)
+divert(0)dnl
+OSTYPE(` + "`linux'" + `)dnl
+define(` + "`confDOMAIN_NAME', `mx.test.example'" + `)dnl
+define(` + "`QUEUE_DIR', `%[1]s/mqueue'" + `)dnl
+define(` + "`confPID_FILE', `%[1]s/sendmail.pid'" + `)dnl
+define(` + "`STATUS_FILE', `%[1]s/statistics'" + `)dnl
+define(` + "`ALIAS_FILE', `'" + `)dnl
+define(` + "`confHOST_STATUS_DIRECTORY', `'" + `)dnl
+define(` + "`confDELIVERY_MODE', `queueonly'" + `)dnl
+define(` + "`confDONT_PROBE_INTERFACES', `True'" + `)dnl
+FEATURE(` + "`nocanonify'" + `)dnl
+FEATURE(` + "`accept_unresolvable_domains'" + `)dnl
+FEATURE(` + "`promiscuous_relay'" + `)dnl
+DAEMON_OPTIONS(` + "`Port=%[2]d, Addr=127.0.0.1, Name=MTA'" + `)dnl
+INPUT_MAIL_FILTER(` + "`greydaemon', `S=inet:%[3]d@127.0.0.1, F=T, T=S:10s;R:10s;E:1m'" + `)dnl
+MAILER(` + "`smtp'" + `)dnl
+`
+
+// TestRealSendmail runs Debian's Sendmail 8.17 as a private daemon (-bD)
+// on a free port, its sendmail.cf built from sendmail-cf's m4 with
+// greydaemon's INPUT_MAIL_FILTER, and reads the X-Greylist header from the
+// queue file of the message it accepted. Sendmail sleeps a minute at start
+// when the host name is not qualified, so it runs in a UTS namespace of
+// its own named mx.test.example.
+func TestRealSendmail(t *testing.T) {
+	requireRoot(t, "for Sendmail's daemon and its UTS namespace")
+	root := findSendmail(t)
+	m4 := requireTool(t, "m4", "m4")
+	unshare := requireTool(t, "unshare", "util-linux")
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "mqueue"), 0o700)
+	clock := newFakeClock()
+	td := startMilterDaemon(t, "tcp", clock, "")
+	port := freeTCPPort(t)
+	mc := fmt.Sprintf(sendmailMC, dir, port, td.addrs["milter"].(*net.TCPAddr).Port)
+	cfDir := filepath.Join(root, "usr/share/sendmail/cf") + "/"
+	cf, err := exec.Command(m4, "-D_CF_DIR_="+cfDir, cfDir+"m4/cf.m4", writeTemp(t, "sendmail.mc", mc)).Output()
+	if err != nil {
+		t.Fatalf("m4 sendmail.mc: %v", err)
+	}
+	cfPath := filepath.Join(dir, "sendmail.cf")
+	os.WriteFile(cfPath, cf, 0o644)
+	var out syncBuffer
+	cmd := exec.Command(unshare, "--uts", "sh", "-c", `hostname mx.test.example && exec "$0" -C "$1" -bD`,
+		filepath.Join(root, "usr/libexec/sendmail/sendmail"), cfPath)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
+	})
+	for i := 0; ; i++ {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if i == 150 {
+			t.Fatalf("Sendmail does not answer on port %d within 15 s: %v\n%s", port, err, out.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	queued := func() []string {
+		var all []string
+		files, _ := filepath.Glob(filepath.Join(dir, "mqueue", "qf*"))
+		for _, f := range files {
+			text, _ := os.ReadFile(f)
+			all = append(all, strings.ReplaceAll(string(text), "\nH??", "\n")) // header lines
+		}
+		return all
+	}
+	milterMTAChecks(t, td, clock, port, queued)
 }
