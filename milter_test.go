@@ -1,11 +1,15 @@
 package main
 
 import (
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -189,4 +193,200 @@ func qmailAsk(t *testing.T, addr *net.UDPAddr, request []byte) string {
 	}
 	defer conn.Close()
 	return string(exchange(t, conn, request, 5*time.Second))
+}
+
+// rawMilter is a milter connection driven byte by byte, as a broken or
+// hostile MTA would.
+type rawMilter struct {
+	t *testing.T
+	net.Conn
+}
+
+// dialRawMilter connects to td's milter and, if negotiate, negotiates
+// version 6 with every action and protocol option offered.
+func dialRawMilter(t *testing.T, td *testDaemon, negotiate bool) *rawMilter {
+	t.Helper()
+	network, addr := milterAddr(td)
+	c, err := net.DialTimeout(network, addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	r := &rawMilter{t: t, Conn: c}
+	if negotiate {
+		r.send('O', binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, 6), 0x1ff), 0x1fffff))
+		if code, _ := r.read(); code != 'O' {
+			t.Fatalf("negotiation answered with %q", code)
+		}
+	}
+	return r
+}
+
+// send writes one packet.
+func (r *rawMilter) send(code byte, data []byte) {
+	r.t.Helper()
+	r.sendRaw(append(binary.BigEndian.AppendUint32(nil, uint32(len(data)+1)), append([]byte{code}, data...)...))
+}
+
+// sendRaw writes bytes as they are.
+func (r *rawMilter) sendRaw(b []byte) {
+	r.t.Helper()
+	r.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := r.Write(b); err != nil {
+		r.t.Fatalf("write to the milter: %v", err)
+	}
+}
+
+// read reads one packet; code 0 if the milter closed the connection.
+func (r *rawMilter) read() (byte, []byte) {
+	r.t.Helper()
+	r.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		if isTimeout(err) {
+			r.t.Fatal("the milter neither answered nor closed within 10 s")
+		}
+		return 0, nil
+	}
+	b := make([]byte, binary.BigEndian.Uint32(hdr[:]))
+	if _, err := io.ReadFull(r, b); err != nil || len(b) == 0 {
+		r.t.Fatalf("short packet from the milter: %v", err)
+	}
+	return b[0], b[1:]
+}
+
+// TestMilterHostilePackets sends packets the library would take badly: of
+// no bytes, of 2 GiB, and connect, MAIL and RCPT packets cut short. Each
+// connection is closed and counted as malformed; the daemon goes on
+// answering.
+func TestMilterHostilePackets(t *testing.T) {
+	clock := newFakeClock()
+	td := startMilterDaemon(t, "tcp", clock, "")
+	cases := []struct {
+		name string
+		raw  []byte
+	}{
+		{"empty packet", []byte{0, 0, 0, 0}},
+		{"2 GiB packet", []byte{0x7f, 0xff, 0xff, 0xff, 'C'}},
+		{"64 KiB + 1 packet", []byte{0, 1, 0, 1, 'C'}},
+		{"connect without NUL", []byte("\x00\x00\x00\x04Cabc")},
+		{"connect without family", []byte("\x00\x00\x00\x05Cabc\x00")},
+		{"connect without port", []byte("\x00\x00\x00\x06Cabc\x004")},
+		{"MAIL without NUL", []byte("\x00\x00\x00\x04M<a>")},
+		{"RCPT without NUL", []byte("\x00\x00\x00\x04R<b>")},
+	}
+	for _, c := range cases {
+		r := dialRawMilter(t, td, true)
+		r.sendRaw(c.raw)
+		if code, data := r.read(); code != 0 {
+			t.Errorf("%s: answered %q %q, want the connection closed", c.name, code, data)
+		}
+	}
+	got := milterSend(t, td, "192.0.2.7", "alice@sender.example", nil, "bob@rcpt.example")
+	if len(got.rcpts) != 1 || !strings.HasPrefix(got.rcpts[0], "451 4.7.1 ") {
+		t.Errorf("after the bad packets: %q", got.rcpts)
+	}
+	var st Stats
+	td.UpdateStats(&st)
+	if m := st.FrontEnds[1]; m.Malformed != uint64(len(cases)) {
+		t.Errorf("malformed %d, want %d", m.Malformed, len(cases))
+	}
+	if log := td.out.String(); !strings.Contains(log, "bad req packet of 0 bytes") || !strings.Contains(log, "bad req connect without a family") {
+		t.Errorf("decision log lacks the bad packets:\n%s", log)
+	}
+}
+
+// TestMilterLimits drives the cap, the idle timeout and the allow list
+// through the config file: a connection beyond milter_max_connections is
+// closed at once, an idle one after milter_idle_timeout, and a peer
+// outside allow is not answered.
+func TestMilterLimits(t *testing.T) {
+	clock := newFakeClock()
+	td := startMilterDaemon(t, "tcp", clock, "milter_max_connections = 2\nmilter_idle_timeout = \"1s\"\n")
+	a, b := dialRawMilter(t, td, true), dialRawMilter(t, td, true)
+	if code, _ := dialRawMilter(t, td, false).read(); code != 0 {
+		t.Errorf("a third connection was answered with %q, want closed", code)
+	}
+	start := time.Now()
+	for _, r := range []*rawMilter{a, b} {
+		if code, _ := r.read(); code != 0 {
+			t.Errorf("an idle connection got %q, want closed", code)
+		}
+	}
+	if waited := time.Since(start); waited < 500*time.Millisecond {
+		t.Errorf("idle connections closed after %v, before the 1 s timeout", waited)
+	}
+	var st Stats
+	td.UpdateStats(&st)
+	if m := st.FrontEnds[1]; m.Refused != 1 {
+		t.Errorf("refused %d, want 1 (the one beyond the cap)", m.Refused)
+	}
+
+	other := startMilterDaemon(t, "tcp", clock, "allow = [\"192.0.2.0/24\"]\n")
+	if code, _ := dialRawMilter(t, other, false).read(); code != 0 {
+		t.Errorf("a peer outside allow was answered with %q", code)
+	}
+}
+
+// TestMilterStopGrace stops the daemon in the middle of a conversation:
+// a recipient sent within stopGrace is still answered, and the final save
+// holds its triplet.
+func TestMilterStopGrace(t *testing.T) {
+	clock := newFakeClock()
+	state := filepath.Join(t.TempDir(), "state")
+	conf := writeTemp(t, "greydaemon.toml", "milter_listen = \"127.0.0.1:0\"\n")
+	td := startTestDaemon(t, func() (*Settings, error) { return parseCommandLine([]string{"-c", conf, "127.0.0.1:0", state}) }, clock.now, nil)
+	r := dialRawMilter(t, td, true)
+	r.send('C', []byte("client.example\x004\x10\x00192.0.2.7\x00"))
+	r.send('M', []byte("<alice@sender.example>\x00"))
+	stopped := make(chan error, 1)
+	go func() { stopped <- td.stop(t) }()
+	time.Sleep(300 * time.Millisecond)
+	r.send('R', []byte("<bob@rcpt.example>\x00"))
+	if code, data := r.read(); code != 'y' || !strings.Contains(string(data), "451 4.7.1 Greylisted") {
+		t.Fatalf("RCPT during the stop grace: %q %q, want a 451 reply", code, data)
+	}
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the daemon did not stop within 10 s")
+	}
+	if n := greyInState(t, state); n != 1 {
+		t.Errorf("final save holds %d grey triplets, want 1", n)
+	}
+}
+
+// TestMilterNullSender decides a null sender's recipients at RCPT by
+// default, and at DATA with milter_delayed_reject: every recipient gets
+// its triplet, and one greylisted recipient defers the whole message. A
+// reload turns it on, the header off and changes the text.
+func TestMilterNullSender(t *testing.T) {
+	clock := newFakeClock()
+	conf := writeTemp(t, "greydaemon.toml", "milter_listen = \"127.0.0.1:0\"\n")
+	reloaded := make(chan error, 1)
+	td := startTestDaemon(t, settingsFromFile(t, conf), clock.now, func(d *daemon) { d.onReload = func(err error) { reloaded <- err } })
+	got := milterSend(t, td, "192.0.2.7", "", nil, "bob@rcpt.example", "carol@rcpt.example")
+	if fmt.Sprint(got.rcpts) != "[451 4.7.1 Greylisted, please try again in 300 seconds 451 4.7.1 Greylisted, please try again in 300 seconds]" {
+		t.Fatalf("null sender by default: %q", got.rcpts)
+	}
+	os.WriteFile(conf, []byte("milter_listen = \"127.0.0.1:0\"\nmilter_delayed_reject = true\nmilter_add_header = false\npolicy_defer_text = \"Come back in %s s\"\n"), 0o644)
+	td.signals <- syscall.SIGHUP
+	if err := <-reloaded; err != nil {
+		t.Fatal(err)
+	}
+	got = milterSend(t, td, "192.0.2.8", "", nil, "bob@rcpt.example", "carol@rcpt.example")
+	if fmt.Sprint(got.rcpts) != "[continue continue]" || got.data != "451 4.7.1 Come back in 300 s" {
+		t.Fatalf("null sender held for DATA: recipients %q, DATA %q", got.rcpts, got.data)
+	}
+	if _, grey := td.table.counts(); grey != 4 {
+		t.Errorf("%d grey triplets, want 4 (each recipient decided)", grey)
+	}
+	clock.advance(6 * time.Minute)
+	got = milterSend(t, td, "192.0.2.8", "", nil, "bob@rcpt.example", "carol@rcpt.example")
+	if fmt.Sprint(got.rcpts) != "[continue continue]" || got.data != "continue" || len(got.headers) != 0 {
+		t.Fatalf("retried null sender: recipients %q, DATA %q, headers %q (milter_add_header = false)", got.rcpts, got.data, got.headers)
+	}
 }
