@@ -390,3 +390,67 @@ func TestMilterNullSender(t *testing.T) {
 		t.Fatalf("retried null sender: recipients %q, DATA %q, headers %q (milter_add_header = false)", got.rcpts, got.data, got.headers)
 	}
 }
+
+// milterPacket returns one packet's bytes.
+func milterPacket(code byte, data string) []byte {
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(data)+1)), append([]byte{code}, data...)...)
+}
+
+// FuzzMilterConnection feeds a milter conversation arbitrary bytes after
+// a valid negotiation: whatever comes, nothing panics, the conversation
+// ends when the input does, and every reply is a whole packet.
+func FuzzMilterConnection(f *testing.F) {
+	var conv []byte
+	for _, p := range [][]byte{
+		milterPacket('D', "M{auth_authen}\x00\x00"),
+		milterPacket('C', "client.example\x004\x10\x00192.0.2.7\x00"),
+		milterPacket('M', "<alice@sender.example>\x00"),
+		milterPacket('R', "<bob@rcpt.example>\x00"),
+		milterPacket('R', "<carol@rcpt.example>\x00"),
+		milterPacket('T', ""),
+		milterPacket('E', ""),
+		milterPacket('A', ""),
+		milterPacket('Q', ""),
+	} {
+		conv = append(conv, p...)
+	}
+	f.Add(conv)
+	f.Add(append(milterPacket('C', "h\x006\x00\x19IPv6:2001:db8::1\x00"), milterPacket('M', "<>\x00")...))
+	f.Add(append(milterPacket('C', "h\x00L\x00\x00/tmp/x\x00"), milterPacket('R', "<x>\x00SIZE=1\x00")...))
+	f.Add([]byte("\x00\x00\x00\x02Cx"))
+	f.Fuzz(func(t *testing.T, input []byte) {
+		g, _ := newTestGreylister(t, "")
+		m := newMilterServer(nil, "", newLogger(io.Discard, false), 1)
+		m.g, m.dlog = g, newDecisionLog(io.Discard)
+		text, _ := parseDeferText(defaultDeferText)
+		m.replies.Store(&milterReplies{deferText: text, header: true, delayedReject: len(input)%2 == 0})
+		server, client := socketPair(t)
+		done := make(chan struct{})
+		go func() {
+			m.accept(server)
+			server.Close()
+			close(done)
+		}()
+		go func() {
+			client.Write(milterPacket('O', "\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff"))
+			client.Write(input)
+			client.CloseWrite()
+		}()
+		out, _ := io.ReadAll(client)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the conversation did not end within 10 s of its input")
+		}
+		for len(out) > 0 {
+			if len(out) < 5 {
+				t.Fatalf("a reply cut short: %q", out)
+			}
+			n := binary.BigEndian.Uint32(out)
+			if n == 0 || int(n) > len(out)-4 {
+				t.Fatalf("a reply of %d bytes with %d left: %q", n, len(out)-4, out)
+			}
+			out = out[4+n:]
+		}
+	})
+}
