@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -453,4 +454,62 @@ func FuzzMilterConnection(f *testing.F) {
 			out = out[4+n:]
 		}
 	})
+}
+
+// TestFrontEndsDecideAlike runs one random sequence of triplets and clock
+// jumps through three daemons, one asked over qmail's UDP, one over
+// Postfix's policy protocol and one over the milter protocol, and checks
+// that each step gets the same verdict from all three, and the same
+// seconds left from the two that say them.
+func TestFrontEndsDecideAlike(t *testing.T) {
+	clock := newFakeClock()
+	qmail := startTestDaemon(t, settingsOf(t, defaultConfig()), clock.now, nil)
+	policy := startPolicyDaemon(t, "tcp", clock, nil)
+	milterd := startMilterDaemon(t, "tcp", clock, "")
+	pc := dialPolicy(t, policy.addrs["postfix"])
+	ips := []string{"192.0.2.1", "192.0.2.2", "198.51.100.3"}
+	senders := []string{"alice@sender.example", "", "bob@other.example"}
+	rcpts := []string{"carol@rcpt.example", "dave@rcpt.example", "list-erin=x@rcpt.example"}
+	jumps := []time.Duration{0, 0, time.Second, time.Minute, 4 * time.Minute, 5 * time.Minute, 6 * time.Minute, 11 * time.Hour, 13 * time.Hour, 8 * 24 * time.Hour}
+	rng := rand.New(rand.NewPCG(19, 7))
+	verdictOf := func(td *testDaemon, ask func()) Verdict {
+		t.Helper()
+		var before, after Stats
+		td.UpdateStats(&before)
+		ask()
+		td.UpdateStats(&after)
+		fe := len(after.FrontEnds) - 1
+		if td == qmail {
+			fe = 0
+		}
+		for i, v := range verdicts {
+			if after.FrontEnds[fe].Verdicts[i] != before.FrontEnds[fe].Verdicts[i] {
+				return v
+			}
+		}
+		t.Fatalf("no verdict counted")
+		return 0
+	}
+	seconds := regexp.MustCompile(`again in (\d+) seconds`)
+	seen := map[Verdict]bool{}
+	for step := 0; step < 300; step++ {
+		clock.advance(jumps[rng.IntN(len(jumps))])
+		ip, sender, rcpt := ips[rng.IntN(len(ips))], senders[rng.IntN(len(senders))], rcpts[rng.IntN(len(rcpts))]
+		var qReply, pReply string
+		var mReply milterMessage
+		qv := verdictOf(qmail, func() { qReply = qmailAsk(t, qmail.addr, req(ip, sender, rcpt)) })
+		pv := verdictOf(policy, func() { pReply = pc.ask(ip, sender, rcpt) })
+		mv := verdictOf(milterd, func() { mReply = milterSend(t, milterd, ip, sender, nil, rcpt) })
+		if qv != pv || qv != mv || qReply != string([]byte{byte(qv >> 8), byte(qv)}) {
+			t.Fatalf("step %d (%s %q %s): qmail %04x (%q), postfix %04x, milter %04x", step, ip, sender, rcpt, uint16(qv), qReply, uint16(pv), uint16(mv))
+		}
+		seen[qv] = true
+		p, m := seconds.FindStringSubmatch(pReply), seconds.FindStringSubmatch(mReply.rcpts[0])
+		if (p == nil) != qv.Accepts() || (m == nil) != qv.Accepts() || p != nil && p[1] != m[1] {
+			t.Fatalf("step %d: verdict %04x, postfix %q, milter %q", step, uint16(qv), pReply, mReply.rcpts[0])
+		}
+	}
+	if len(seen) != 6 { // all but whitelisted, which no client is
+		t.Errorf("the sequence gave only the verdicts %v", seen)
+	}
 }
