@@ -6,11 +6,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/d--j/go-milter"
 )
 
 // Run with:
@@ -336,4 +339,75 @@ func BenchmarkDecisionLog(b *testing.B) {
 			b.ReportMetric(float64(l.sink.lost.Load())/float64(b.N), "lost/op")
 		})
 	}
+}
+
+// BenchmarkMilterConversation measures one milter conversation (a
+// connection, the negotiation, connect, HELO, MAIL, one RCPT, abort and
+// quit) through the library's client, 16 at once, against greydaemon's
+// milter and a null milter (the same library's NoOpMilter, answering
+// continue to every event) in the same run. Half the conversations bring
+// a new triplet; the rest repeat one.
+func BenchmarkMilterConversation(b *testing.B) {
+	run := func(b *testing.B, addr string) {
+		client := milter.NewClient("tcp", addr, milter.WithActions(milter.OptAddHeader))
+		var seed atomic.Uint64
+		b.SetParallelism(max(1, 16/runtime.GOMAXPROCS(0)))
+		b.ReportAllocs()
+		b.ResetTimer()
+		start := time.Now()
+		b.RunParallel(func(pb *testing.PB) {
+			c := seed.Add(1)
+			for i := 0; pb.Next(); i++ {
+				ip := fmt.Sprintf("10.%d.%d.1", c, i%2*i%200)
+				if err := benchConversation(client, ip, fmt.Sprintf("r%d@rcpt.example", i%2*i)); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+		b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "conversations/s")
+	}
+	b.Run("greydaemon", func(b *testing.B) {
+		cfg := defaultConfig()
+		cfg.StateFile = b.TempDir() + "/state"
+		cfg.MilterListen = "127.0.0.1:0"
+		td := startTestDaemon(b, settingsOf(b, cfg), time.Now, func(d *daemon) { d.stdout, d.stderr = discard{}, discard{} })
+		defer td.stop(b)
+		run(b, td.addrs["milter"].String())
+	})
+	b.Run("null-milter", func(b *testing.B) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		server := milter.NewServer(milter.WithMilter(func() milter.Milter { return milter.NoOpMilter{} }))
+		go server.Serve(ln)
+		defer server.Close()
+		run(b, ln.Addr().String())
+	})
+}
+
+// benchConversation holds one milter conversation with one recipient.
+func benchConversation(client *milter.Client, ip, rcpt string) error {
+	s, err := client.Session(nil)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	if _, err := s.Conn("client.example", milter.FamilyInet, 4025, ip); err != nil {
+		return err
+	}
+	if _, err := s.Helo("client.example"); err != nil {
+		return err
+	}
+	if _, err := s.Mail("load@sender.example", ""); err != nil {
+		return err
+	}
+	if _, err := s.Rcpt(rcpt, ""); err != nil {
+		return err
+	}
+	if err := s.Abort(nil); err != nil {
+		return err
+	}
+	return s.Close()
 }

@@ -67,6 +67,7 @@ type milterServer struct {
 
 	allow   atomic.Pointer[IPRanges] // TCP peers answered; nil: all
 	replies atomic.Pointer[milterReplies]
+	defers  replyCache
 
 	stripes [16]milterCounts // counters, striped by connection
 	nextID  atomic.Uint64
@@ -437,7 +438,40 @@ func (s *milterSession) Data(m milter.Modifier) (*milter.Response, error) {
 // wait.
 func (s *milterSession) deferReply(replies *milterReplies, left uint32, rcpt []byte) (*milter.Response, error) {
 	text := replies.deferText.appendTo(append(s.logb[:0], "4.7.1 "...), left, rcpt)
-	return milter.RejectWithCodeAndReason(451, string(text))
+	return s.m.defers.get(text)
+}
+
+// replyCacheSize bounds the replies a replyCache holds: one per seconds
+// left and recipient domain in the text.
+const replyCacheSize = 1024
+
+// A replyCache holds the 451 replies made so far, by their text: the
+// library formats a reply through a chain of text transformers, which
+// costs more than the decision. Replies are read-only once made.
+type replyCache struct {
+	mu sync.Mutex
+	m  map[string]*milter.Response
+}
+
+// get returns the 451 reply with text.
+func (c *replyCache) get(text []byte) (*milter.Response, error) {
+	c.mu.Lock()
+	r := c.m[string(text)]
+	c.mu.Unlock()
+	if r != nil {
+		return r, nil
+	}
+	r, err := milter.RejectWithCodeAndReason(451, string(text))
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= replyCacheSize {
+		c.m = make(map[string]*milter.Response)
+	}
+	c.m[string(text)] = r
+	c.mu.Unlock()
+	return r, nil
 }
 
 // EndOfMessage adds the X-Greylist header to a message that passed after

@@ -1,6 +1,6 @@
 // Greyload is a load generator for greydaemon's qmail UDP protocol, its
-// Postfix policy protocol (policy.go) and greylistd's protocol for Exim
-// (greylistd.go).
+// Postfix policy protocol (policy.go), greylistd's protocol for Exim
+// (greylistd.go) and the milter protocol (milter.go).
 //
 // Usage:
 //
@@ -61,6 +61,10 @@ func main() {
 		err = runGreylistd(os.Args[2:])
 	case "nullgreylistd":
 		err = runNullGreylistd(os.Args[2:])
+	case "milter":
+		err = runMilter(os.Args[2:])
+	case "nullmilter":
+		err = runNullMilter(os.Args[2:])
 	default:
 		usage()
 	}
@@ -71,7 +75,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: greyload run|null|fill|policy|nullpolicy|greylistd|nullgreylistd [flags]   (greyload CMD -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: greyload run|null|fill|policy|nullpolicy|greylistd|nullgreylistd|milter|nullmilter [flags]   (greyload CMD -h for flags)")
 	os.Exit(2)
 }
 
