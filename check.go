@@ -104,6 +104,7 @@ func (ck *checker) files() {
 	for _, sock := range []struct{ key, path string }{
 		{"greylistd_listen", c.GreylistdListen},
 		{"policy_listen", strings.TrimPrefix(c.PolicyListen, "unix:")},
+		{"milter_listen", strings.TrimPrefix(c.MilterListen, "unix:")},
 	} {
 		if strings.HasPrefix(sock.path, "/") {
 			if err := checkDirWritable(sock.path, "socket", src.where(sock.key)+": "+sock.key, owner); err != nil {
@@ -192,6 +193,9 @@ func (c Config) frontEndSummary() []string {
 	var s []string
 	if c.PolicyListen != "" {
 		s = append(s, fmt.Sprintf("postfix policy %s (at most %d connections)", c.PolicyListen, c.PolicyMaxConnections))
+	}
+	if c.MilterListen != "" {
+		s = append(s, fmt.Sprintf("milter %s (at most %d connections)", c.MilterListen, c.MilterMaxConnections))
 	}
 	if c.GreylistdListen != "" {
 		group := ""

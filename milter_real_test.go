@@ -175,7 +175,7 @@ func findSendmail(t *testing.T) string {
 // sendmailMC is the private Sendmail configuration, for sendmail-cf's m4:
 // a daemon on 127.0.0.1 that queues what it accepts without delivering
 // it, relays anything (the test's recipients are nowhere), and asks
-// greydaemon's milter with the flags the docs recommend.
+// greydaemon's milter with the lines of contrib/sendmail/greydaemon.mc.
 const sendmailMC = `divert(-1)
 divert(0)dnl
 OSTYPE(` + "`linux'" + `)dnl
@@ -191,7 +191,7 @@ FEATURE(` + "`nocanonify'" + `)dnl
 FEATURE(` + "`accept_unresolvable_domains'" + `)dnl
 FEATURE(` + "`promiscuous_relay'" + `)dnl
 DAEMON_OPTIONS(` + "`Port=%[2]d, Addr=127.0.0.1, Name=MTA'" + `)dnl
-INPUT_MAIL_FILTER(` + "`greydaemon', `S=inet:%[3]d@127.0.0.1, F=T, T=S:10s;R:10s;E:1m'" + `)dnl
+%[3]s
 MAILER(` + "`smtp'" + `)dnl
 `
 
@@ -211,7 +211,13 @@ func TestRealSendmail(t *testing.T) {
 	clock := newFakeClock()
 	td := startMilterDaemon(t, "tcp", clock, "")
 	port := freeTCPPort(t)
-	mc := fmt.Sprintf(sendmailMC, dir, port, td.addrs["milter"].(*net.TCPAddr).Port)
+	// The shipped lines, with the daemon's port for 8891.
+	shipped, err := os.ReadFile("contrib/sendmail/greydaemon.mc")
+	if err != nil || !strings.Contains(string(shipped), "S=inet:8891@127.0.0.1, F=T") {
+		t.Fatalf("contrib/sendmail/greydaemon.mc: %v; want its INPUT_MAIL_FILTER on inet:8891@127.0.0.1 with F=T", err)
+	}
+	filter := strings.ReplaceAll(string(shipped), "inet:8891@", fmt.Sprintf("inet:%d@", td.addrs["milter"].(*net.TCPAddr).Port))
+	mc := fmt.Sprintf(sendmailMC, dir, port, filter)
 	cfDir := filepath.Join(root, "usr/share/sendmail/cf") + "/"
 	cf, err := exec.Command(m4, "-D_CF_DIR_="+cfDir, cfDir+"m4/cf.m4", writeTemp(t, "sendmail.mc", mc)).Output()
 	if err != nil {
