@@ -513,3 +513,34 @@ func TestFrontEndsDecideAlike(t *testing.T) {
 		t.Errorf("the sequence gave only the verdicts %v", seen)
 	}
 }
+
+// TestMilterSharedInRedis greylists through one daemon's milter and
+// retries through another's, both deciding in one Redis: the retry passes
+// with its header, and the client is then known to a third daemon's qmail
+// side too. Nothing is decided in the local tables.
+func TestMilterSharedInRedis(t *testing.T) {
+	port, _ := startRedis(t, 0)
+	clock := newFakeClock()
+	redisLine := fmt.Sprintf("redis_url = \"redis://127.0.0.1:%d/0\"\n", port)
+	a, b := startMilterDaemon(t, "tcp", clock, redisLine), startMilterDaemon(t, "unix", clock, redisLine)
+	qmail := startRedisDaemon(t, port, clock)
+	waitRedisConnected(t, a)
+	waitRedisConnected(t, b)
+	got := milterSend(t, a, "192.0.2.7", "alice@sender.example", nil, "bob@rcpt.example")
+	if len(got.rcpts) != 1 || got.rcpts[0] != "451 4.7.1 Greylisted, please try again in 300 seconds" {
+		t.Fatalf("first attempt at one host: %q", got.rcpts)
+	}
+	clock.advance(6 * time.Minute)
+	got = milterSend(t, b, "192.0.2.7", "alice@sender.example", nil, "bob@rcpt.example")
+	if fmt.Sprint(got.rcpts, got.headers) != "[continue] [X-Greylist: delayed 360 seconds by greydaemon]" {
+		t.Fatalf("retry at the other host: %q %q", got.rcpts, got.headers)
+	}
+	if reply := qmailAsk(t, qmail.addr, req("192.0.2.7", "x@y", "z@w")); reply != "\x01\x02" {
+		t.Errorf("qmail at a third host: %q, want known (0102)", reply)
+	}
+	for _, td := range []*testDaemon{a, b} {
+		if known, grey := td.table.counts(); known+grey != 0 {
+			t.Errorf("a local table holds %d known IPs and %d grey triplets", known, grey)
+		}
+	}
+}

@@ -81,7 +81,9 @@ func TestFilesCreatedAsTheUser(t *testing.T) {
 	cfg := writeConfig(t, dir, `user = "nobody"`,
 		fmt.Sprintf("policy_listen = %q", "unix:"+filepath.Join(dir, "policy")), `policy_socket_mode = "0620"`,
 		fmt.Sprintf("policy_socket_group = %q", group),
-		fmt.Sprintf("greylistd_listen = %q", filepath.Join(dir, "greylistd")), `greylistd_socket_mode = "0660"`)
+		fmt.Sprintf("greylistd_listen = %q", filepath.Join(dir, "greylistd")), `greylistd_socket_mode = "0660"`,
+		fmt.Sprintf("milter_listen = %q", "unix:"+filepath.Join(dir, "milter")), `milter_socket_mode = "0640"`,
+		fmt.Sprintf("milter_socket_group = %q", group))
 	c := startChild(t, "-c", cfg)
 	for _, f := range []struct {
 		name     string
@@ -92,6 +94,7 @@ func TestFilesCreatedAsTheUser(t *testing.T) {
 		{"state.lock", gid, 0o644, false},
 		{"policy", mailGID, 0o620, true},
 		{"greylistd", gid, 0o660, true},
+		{"milter", mailGID, 0o640, true},
 	} {
 		fi, err := os.Lstat(filepath.Join(dir, f.name))
 		if err != nil {
