@@ -31,7 +31,7 @@ func TestBoundedShutdownWithStuckPeers(t *testing.T) {
 	redisPort := redis.Args[2]
 	dir := t.TempDir()
 	state := filepath.Join(dir, "state")
-	cfg := writeConfig(t, dir, `policy_listen = "127.0.0.1:0"`, `metrics_listen = "127.0.0.1:0"`,
+	cfg := writeConfig(t, dir, `policy_listen = "127.0.0.1:0"`, `metrics_listen = "127.0.0.1:0"`, `milter_listen = "127.0.0.1:0"`,
 		fmt.Sprintf("greylistd_listen = %q", filepath.Join(dir, "greylistd.sock")),
 		fmt.Sprintf("redis_url = \"redis://127.0.0.1:%s/0\"", redisPort), `redis_fallback = "local"`)
 
@@ -64,13 +64,13 @@ func TestBoundedShutdownWithStuckPeers(t *testing.T) {
 	// Read stderr until every front end listens, then never again.
 	addrs := map[string]string{}
 	sc := bufio.NewScanner(errR)
-	for len(addrs) < 4 && sc.Scan() {
+	for len(addrs) < 5 && sc.Scan() {
 		if a, ok := strings.CutPrefix(sc.Text(), "greydaemon: listening on "); ok {
 			addr, name, _ := strings.Cut(a, " for ")
 			addrs[name] = addr
 		}
 	}
-	if len(addrs) < 4 {
+	if len(addrs) < 5 {
 		t.Fatalf("front ends listening: %v", addrs)
 	}
 	qmail, err := net.ResolveUDPAddr("udp", addrs["qmail"])
@@ -117,6 +117,14 @@ func TestBoundedShutdownWithStuckPeers(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the Postfix connection did not jam within 30 s")
 	}
+	// A milter conversation that sends recipients and never reads, jammed
+	// the same way, and an idle one.
+	jammedMilter(t, addrs["milter"])
+	idleMilter, err := net.Dial("tcp", addrs["milter"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idleMilter.Close()
 	// Idle greylistd and metrics connections.
 	for range 5 {
 		c, err := net.Dial("unix", addrs["greylistd"])
@@ -170,4 +178,30 @@ func waitPipeFull(t *testing.T, name string, r *os.File, n int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("%s: %d bytes waiting in the pipe, want at least %d", name, got, n)
+}
+
+// jammedMilter opens a milter conversation at addr that negotiates, then
+// sends RCPT packets and never reads the replies, until its writes block.
+func jammedMilter(t *testing.T, addr string) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.(*net.TCPConn).SetReadBuffer(4096)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c.Write(milterPacket('O', "\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff"))
+	if _, err := c.Read(make([]byte, 512)); err != nil {
+		t.Fatalf("milter negotiation: %v", err)
+	}
+	c.Write(milterPacket('C', "client.example\x004\x10\x00192.0.2.8\x00"))
+	c.Write(milterPacket('M', "<alice@sender.example>\x00"))
+	for i := 0; i < 1_000_000; i++ {
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write(milterPacket('R', fmt.Sprintf("<m%d@rcpt.example>\x00", i))); err != nil {
+			return
+		}
+	}
+	t.Fatal("the milter conversation did not jam")
 }
