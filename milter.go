@@ -98,7 +98,7 @@ func (m *milterServer) Name() string { return "milter" }
 func (m *milterServer) Addr() net.Addr { return m.ln.Addr() }
 
 // Serve accepts connections until Close, then waits for each conversation
-// to end: within stopGrace, or at once if idle.
+// to end, within stopGrace.
 func (m *milterServer) Serve() error {
 	milterLog.Store(m.log)
 	m.conns.serve(m.ln, m.unixPath, "milter", m.log, m.accept, func(c net.Conn) {
@@ -142,8 +142,9 @@ func (m *milterServer) accept(c net.Conn) {
 	lib.Serve(&oneConnListener{conn: mc}) // returns once the conversation is over
 }
 
-// Close stops accepting; every conversation ends at once if idle, else
-// within stopGrace.
+// Close stops accepting; every conversation may go on for stopGrace (an
+// SMTP session in its last commands finishes), then its reads fail and its
+// writes stop waiting.
 func (m *milterServer) Close() error { return m.conns.close(m.ln) }
 
 // UpdateStats adds what the server did so far to st.
@@ -374,9 +375,6 @@ type milterSession struct {
 	kb   keyBuilder
 	logb []byte
 }
-
-// NewConnection starts a conversation.
-func (s *milterSession) NewConnection(m milter.Modifier) error { return nil }
 
 // Connect records the client's address.
 func (s *milterSession) Connect(host, family string, port uint16, addr string, m milter.Modifier) (*milter.Response, error) {
