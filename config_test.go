@@ -38,6 +38,13 @@ greylistd_socket_mode = "0666"
 greylistd_retry_min = "5m"
 greylistd_retry_max = "4h"
 greylistd_expire = "30d"
+milter_listen = "unix:/run/greydaemon/milter.sock"
+milter_socket_mode = "0600"
+milter_socket_group = "smmsp"
+milter_max_connections = 20
+milter_idle_timeout = "30m"
+milter_add_header = false
+milter_delayed_reject = true
 redis_sentinels = ["127.0.0.1:26379"]
 redis_master = "mymaster"
 redis_prefix = "gd:"
@@ -61,7 +68,10 @@ redis_fallback = "tempfail"
 		GreylistdListen: "/run/greydaemon/greylistd.sock", GreylistdSocketMode: "0666",
 		GreylistdRetryMin: Duration{5 * time.Minute}, GreylistdRetryMax: Duration{4 * time.Hour},
 		GreylistdExpire: Duration{30 * 24 * time.Hour},
-		RedisSentinels:  []string{"127.0.0.1:26379"}, RedisMaster: "mymaster", RedisPrefix: "gd:",
+		MilterListen:    "unix:/run/greydaemon/milter.sock", MilterSocketMode: "0600", MilterGroup: "smmsp",
+		MilterMaxConnections: 20, MilterIdleTimeout: Duration{30 * time.Minute}, MilterAddHeader: false,
+		MilterDelayedReject: true,
+		RedisSentinels:      []string{"127.0.0.1:26379"}, RedisMaster: "mymaster", RedisPrefix: "gd:",
 		RedisTimeout: Duration{100 * time.Millisecond}, RedisFallback: "tempfail",
 	}
 	if !reflect.DeepEqual(c, want) {
