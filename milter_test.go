@@ -544,3 +544,36 @@ func TestMilterSharedInRedis(t *testing.T) {
 		}
 	}
 }
+
+// TestMilterNegotiation pins what greydaemon asks of an MTA that offers
+// everything: protocol version 6; the actions to add headers and to set
+// the macro list (0x101); no HELO, headers, end of headers, body, unknown
+// commands or DATA, and no replies to connect, HELO and MAIL; and the one
+// macro {auth_authen} at MAIL (stage 2). An MTA that offers only version
+// 2's options gets those it offers.
+func TestMilterNegotiation(t *testing.T) {
+	td := startMilterDaemon(t, "tcp", newFakeClock(), "")
+	r := dialRawMilter(t, td, false)
+	r.send('O', []byte("\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff"))
+	code, data := r.read()
+	if code != 'O' || len(data) < 12 {
+		t.Fatalf("negotiation reply %q %q", code, data)
+	}
+	version, actions, protocol := binary.BigEndian.Uint32(data), binary.BigEndian.Uint32(data[4:]), binary.BigEndian.Uint32(data[8:])
+	const noHelo, noBody, noHeaders, noEOH, noUnknown, noData = 1 << 1, 1 << 4, 1 << 5, 1 << 6, 1 << 8, 1 << 9
+	const nrConn, nrHelo, nrMail = 1 << 12, 1 << 13, 1 << 14
+	if want := uint32(noHelo | noBody | noHeaders | noEOH | noUnknown | noData | nrConn | nrHelo | nrMail); version != 6 || actions != 0x101 || protocol != want {
+		t.Errorf("negotiated version %d actions %#x protocol %#x, want 6, 0x101, %#x", version, actions, protocol, want)
+	}
+	if macros := string(data[12:]); macros != "\x00\x00\x00\x02{auth_authen}\x00" {
+		t.Errorf("macros asked for: %q, want {auth_authen} at MAIL", macros)
+	}
+
+	r = dialRawMilter(t, td, false)
+	r.send('O', []byte("\x00\x00\x00\x02\x00\x00\x00\x01\x00\x00\x00\x7f"))
+	code, data = r.read()
+	if code != 'O' || len(data) != 12 || binary.BigEndian.Uint32(data) != 2 || binary.BigEndian.Uint32(data[4:]) != 1 ||
+		binary.BigEndian.Uint32(data[8:]) != noHelo|noBody|noHeaders|noEOH {
+		t.Errorf("version 2 negotiation reply %q %q", code, data)
+	}
+}
