@@ -243,6 +243,7 @@ type milterConn struct {
 	pending []byte    // checked bytes the library has not read yet
 	buf     []byte    // the packet being read
 	idleEnd time.Time // the read deadline set for idleness; zero if none
+	libRead bool      // the library set a read deadline of its own (1 s for the negotiation)
 	closed  chan struct{}
 	once    sync.Once
 }
@@ -287,8 +288,12 @@ func (c *milterConn) readPacket() error {
 }
 
 // extendIdle moves the idle deadline on, once per half of the timeout:
-// setting one costs a timer update.
+// setting one costs a timer update. A deadline the library set for this
+// read stands.
 func (c *milterConn) extendIdle() {
+	if c.libRead {
+		return
+	}
 	idle := time.Duration(c.server.idle.Load())
 	if now := time.Now(); now.After(c.idleEnd.Add(-idle / 2)) {
 		end := now.Add(idle)
@@ -338,7 +343,7 @@ func (c *milterConn) SetDeadline(t time.Time) error {
 // SetReadDeadline sets the read deadline unless the server is stopping.
 func (c *milterConn) SetReadDeadline(t time.Time) error {
 	if c.server.conns.setReadDeadline(c.Conn, t) {
-		c.idleEnd = time.Time{} // the library's own: set the idle one again
+		c.idleEnd, c.libRead = time.Time{}, !t.IsZero() // the library's own: set the idle one again after it
 	}
 	return nil
 }

@@ -323,7 +323,14 @@ func TestMilterLimits(t *testing.T) {
 		t.Errorf("refused %d, want 1 (the one beyond the cap)", m.Refused)
 	}
 
-	other := startMilterDaemon(t, "tcp", clock, "allow = [\"192.0.2.0/24\"]\n")
+	// The negotiation has the library's 1 s, whatever the idle timeout.
+	other := startMilterDaemon(t, "tcp", clock, "allow = [\"127.0.0.0/8\"]\n")
+	start = time.Now()
+	if code, _ := dialRawMilter(t, other, false).read(); code != 0 || time.Since(start) > 5*time.Second {
+		t.Errorf("a connection that never negotiates: %q after %v, want closed within 5 s (milter_idle_timeout is 1h)", code, time.Since(start))
+	}
+
+	other = startMilterDaemon(t, "tcp", clock, "allow = [\"192.0.2.0/24\"]\n")
 	if code, _ := dialRawMilter(t, other, false).read(); code != 0 {
 		t.Errorf("a peer outside allow was answered with %q", code)
 	}
