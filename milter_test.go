@@ -133,7 +133,7 @@ func TestMilterRoundTrips(t *testing.T) {
 		t.Run(network, func(t *testing.T) {
 			clock := newFakeClock()
 			wl := writeTemp(t, "whitelist", "198.51.100.0/24\n")
-			td := startMilterDaemon(t, network, clock, fmt.Sprintf("whitelist = %q\n", wl))
+			td := startMilterDaemon(t, network, clock, fmt.Sprintf("whitelist = %q\nmetrics_listen = \"127.0.0.1:0\"\n", wl))
 			ip, sender := "192.0.2.7", "alice@sender.example"
 			want := func(got milterMessage, wantRcpts []string, wantHeaders ...string) {
 				t.Helper()
@@ -168,6 +168,19 @@ func TestMilterRoundTrips(t *testing.T) {
 				m.Verdicts[AcceptRetried.index()] != 1 || m.Verdicts[AcceptKnownIP.index()] != 2 ||
 				m.Verdicts[AcceptWhitelisted.index()] != 1 || m.Unchecked != [numUnchecked]uint64{1, 1} || m.Requests != 9 {
 				t.Errorf("milter stats %+v", m)
+			}
+			text := scrape(t, td.addrs["metrics"])
+			for series, want := range map[string]float64{
+				`greydaemon_decisions_total{action="greylist",frontend="milter",reason="new",reply="0001"}`:   2,
+				`greydaemon_decisions_total{action="accept",frontend="milter",reason="retried",reply="0103"}`: 1,
+				`greydaemon_unchecked_total{frontend="milter",reason="authenticated"}`:                        1,
+				`greydaemon_unchecked_total{frontend="milter",reason="no_client_address"}`:                    1,
+				`greydaemon_requests_total{frontend="milter"}`:                                                9,
+				`greydaemon_decisions_total{action="accept",frontend="qmail",reason="known_ip",reply="0102"}`: 1,
+			} {
+				if got := metricValue(text, series); got != want {
+					t.Errorf("%s = %v, want %v", series, got, want)
+				}
 			}
 			out := td.out.String()
 			for _, line := range []string{
