@@ -57,11 +57,15 @@ type daemon struct {
 	// Test hooks. onReady, if set, is called with each front end's
 	// address by name once the daemon answers requests; onSave after
 	// every save with its outcome; onReload after every reload. saveNow,
-	// if set, asks for a save at once, as SIGUSR1 does.
-	onReady  func(addrs map[string]net.Addr)
-	onSave   func(saveStats, error)
-	onReload func(error)
-	saveNow  chan struct{}
+	// if set, asks for a save at once, as SIGUSR1 does. sweepEvery, if
+	// set, replaces the sweeper's minute: a test whose clock jumps sets it
+	// beyond its length, so that what expired stays until it is looked up
+	// (held triplets past their window are stale, swept ones new).
+	onReady    func(addrs map[string]net.Addr)
+	onSave     func(saveStats, error)
+	onReload   func(error)
+	saveNow    chan struct{}
+	sweepEvery time.Duration
 
 	// The settings and the logs.
 	set               *Settings // the running settings; only the run goroutine uses it
@@ -610,7 +614,11 @@ func (d *daemon) start() (frontEnds *sync.WaitGroup, stopBackground func(), back
 	}
 	bg, stopBackground := context.WithCancel(context.Background())
 	background.Go(func() {
-		d.g.sweep(bg, time.Minute, func(deleted int) {
+		every := time.Minute
+		if d.sweepEvery > 0 {
+			every = d.sweepEvery
+		}
+		d.g.sweep(bg, every, func(deleted int) {
 			known, grey := d.table.counts()
 			d.log.Debugf("sweep: %d expired entries dropped; holding %d known IPs and %d grey triplets; %d evicted for the cap so far",
 				deleted, known, grey, d.table.evicted.Load())

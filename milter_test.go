@@ -480,12 +480,18 @@ func FuzzMilterConnection(f *testing.F) {
 // jumps through three daemons, one asked over qmail's UDP, one over
 // Postfix's policy protocol and one over the milter protocol, and checks
 // that each step gets the same verdict from all three, and the same
-// seconds left from the two that say them.
+// seconds left from the two that say them. No sweep runs: a triplet past
+// its window is stale while held and new once swept (PROTOCOL.md §4.5), and
+// the three daemons' sweepers would run at different times.
 func TestFrontEndsDecideAlike(t *testing.T) {
 	clock := newFakeClock()
-	qmail := startTestDaemon(t, settingsOf(t, defaultConfig()), clock.now, nil)
-	policy := startPolicyDaemon(t, "tcp", clock, nil)
-	milterd := startMilterDaemon(t, "tcp", clock, "")
+	start := func(conf string) *testDaemon {
+		noSweep := func(d *daemon) { d.sweepEvery = 24 * time.Hour }
+		return startTestDaemon(t, settingsFromFile(t, writeTemp(t, "greydaemon.toml", conf)), clock.now, noSweep)
+	}
+	qmail := start("")
+	policy := start("policy_listen = \"127.0.0.1:0\"\n")
+	milterd := start("milter_listen = \"127.0.0.1:0\"\n")
 	pc := dialPolicy(t, policy.addrs["postfix"])
 	ips := []string{"192.0.2.1", "192.0.2.2", "198.51.100.3"}
 	senders := []string{"alice@sender.example", "", "bob@other.example"}
