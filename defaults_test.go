@@ -75,6 +75,7 @@ func TestDocumentedDefaults(t *testing.T) {
 		{"bytes of log lines queued for a stuck reader", lossyQueueLimit, 1 << 20},
 		{"bytes of a milter packet", milterMaxPacket, 64 << 10},
 		{"null-sender recipients held for DATA", milterMaxHeld, 1000},
+		{"bytes of the null-sender recipients held for DATA", milterMaxHeldBytes, 64 << 10},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s: %d, want %d", c.what, c.got, c.want)

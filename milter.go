@@ -32,10 +32,12 @@ const (
 	// milterWriteTimeout bounds one reply: the MTA waits for it, so an
 	// MTA that does not take it within this is stuck or not one.
 	milterWriteTimeout = 10 * time.Second
-	// milterMaxHeld bounds the recipients of one null-sender message held
-	// for a decision at DATA (milter_delayed_reject); beyond it they are
-	// decided at RCPT.
-	milterMaxHeld = 1000
+	// milterMaxHeld and milterMaxHeldBytes bound the recipients of one
+	// null-sender message held for a decision at DATA
+	// (milter_delayed_reject), and their bytes; beyond either, recipients
+	// are decided at RCPT.
+	milterMaxHeld      = 1000
+	milterMaxHeldBytes = 64 << 10
 )
 
 // The macro the milter asks for: the SMTP AUTH identity, set when the
@@ -407,7 +409,8 @@ func (s *milterSession) reset() {
 // RcptTo decides one recipient, or holds it for DATA.
 func (s *milterSession) RcptTo(rcpt, _ string, m milter.Modifier) (*milter.Response, error) {
 	replies := s.m.replies.Load()
-	if s.seesData && replies.delayedReject && isNullSender(s.sender) && len(s.held) < milterMaxHeld && s.client != nil && !s.authed {
+	if s.seesData && replies.delayedReject && isNullSender(s.sender) && s.client != nil && !s.authed &&
+		len(s.held) < milterMaxHeld && len(s.heldBuf)+len(rcpt) <= milterMaxHeldBytes {
 		off := len(s.heldBuf)
 		s.heldBuf = append(s.heldBuf, rcpt...)
 		s.held = append(s.held, s.heldBuf[off:len(s.heldBuf):len(s.heldBuf)])

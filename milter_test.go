@@ -405,6 +405,15 @@ func TestMilterNullSender(t *testing.T) {
 	if _, grey := td.table.counts(); grey != 4 {
 		t.Errorf("%d grey triplets, want 4 (each recipient decided)", grey)
 	}
+	// At most 1,000 recipients are held; the next is decided at RCPT.
+	many := make([]string, 1001)
+	for i := range many {
+		many[i] = fmt.Sprintf("r%d@rcpt.example", i)
+	}
+	got = milterSend(t, td, "192.0.2.9", "", nil, many...)
+	if got.rcpts[999] != "continue" || !strings.HasPrefix(got.rcpts[1000], "451 4.7.1 ") || !strings.HasPrefix(got.data, "451 4.7.1 ") {
+		t.Fatalf("1,001 recipients held: the 1,000th %q, the 1,001st %q, DATA %q", got.rcpts[999], got.rcpts[1000], got.data)
+	}
 	clock.advance(6 * time.Minute)
 	got = milterSend(t, td, "192.0.2.8", "", nil, "bob@rcpt.example", "carol@rcpt.example")
 	if fmt.Sprint(got.rcpts) != "[continue continue]" || got.data != "continue" || len(got.headers) != 0 {
