@@ -250,17 +250,11 @@ func (d *daemon) bindQmail(set *Settings, passed *passedSockets) error {
 
 // bindPolicy binds policy_listen, or takes the unix socket passed for it.
 func (d *daemon) bindPolicy(set *Settings, owner *fileOwner, passed *passedSockets) error {
-	var ln net.Listener
-	var unixPath string
-	path, isUnix := strings.CutPrefix(set.PolicyListen, "unix:")
-	if l := passed.takeUnix(path); isUnix && l != nil {
-		ln = l
-		d.log.Infof("policy_listen: using the socket %s passed by the service manager", path)
-	} else {
-		var err error
-		if ln, unixPath, err = d.listenPolicy(set, owner); err != nil {
-			return err
-		}
+	ln, unixPath, err := d.bindStream(set, owner, passed, streamSettings{
+		key: "policy_listen", spec: set.PolicyListen, mode: set.PolicyMode,
+		groupKey: "policy_socket_group", group: set.PolicyGroup, purpose: "policy requests"})
+	if err != nil {
+		return err
 	}
 	d.policy = &policyServer{ln: ln, unixPath: unixPath, log: d.log, conns: newConnSet(set.PolicyMaxConnections)}
 	d.frontEnds = append(d.frontEnds, d.policy)
@@ -269,24 +263,46 @@ func (d *daemon) bindPolicy(set *Settings, owner *fileOwner, passed *passedSocke
 
 // bindMilter binds milter_listen, or takes the unix socket passed for it.
 func (d *daemon) bindMilter(set *Settings, owner *fileOwner, passed *passedSockets) error {
-	var ln net.Listener
-	var unixPath string
-	path, isUnix := strings.CutPrefix(set.MilterListen, "unix:")
-	if l := passed.takeUnix(path); isUnix && l != nil {
-		ln = l
-		d.log.Infof("milter_listen: using the socket %s passed by the service manager", path)
-	} else {
-		gid, err := socketGroup(set, "milter_socket_group", set.MilterGroup)
-		if err != nil {
-			return err
-		}
-		if ln, unixPath, err = listenStream(set.MilterListen, set.MilterMode, owner, gid, "milter conversations"); err != nil {
-			return fmt.Errorf("%s: %w", set.Source.describe("milter_listen"), err)
-		}
+	ln, unixPath, err := d.bindStream(set, owner, passed, streamSettings{
+		key: "milter_listen", spec: set.MilterListen, mode: set.MilterMode,
+		groupKey: "milter_socket_group", group: set.MilterGroup, purpose: "milter conversations"})
+	if err != nil {
+		return err
 	}
 	d.milter = newMilterServer(ln, unixPath, d.log, set.MilterMaxConnections)
 	d.frontEnds = append(d.frontEnds, d.milter)
 	return nil
+}
+
+// streamSettings are a stream front end's listener settings: the listen
+// key and its value (host:port or unix:/path), the unix socket's mode, the
+// group key and its value, and what the socket answers, for errors.
+type streamSettings struct {
+	key, spec       string
+	mode            os.FileMode
+	groupKey, group string
+	purpose         string
+}
+
+// bindStream binds a stream front end's listener, or takes the unix socket
+// the service manager passed for it. It returns the listener and the
+// socket file to remove at close: "" for TCP, or for a passed socket,
+// which stays the service manager's.
+func (d *daemon) bindStream(set *Settings, owner *fileOwner, passed *passedSockets, s streamSettings) (net.Listener, string, error) {
+	path, isUnix := strings.CutPrefix(s.spec, "unix:")
+	if l := passed.takeUnix(path); isUnix && l != nil {
+		d.log.Infof("%s: using the socket %s passed by the service manager", s.key, path)
+		return l, "", nil
+	}
+	gid, err := socketGroup(set, s.groupKey, s.group)
+	if err != nil {
+		return nil, "", err
+	}
+	ln, unixPath, err := listenStream(s.spec, s.mode, owner, gid, s.purpose)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", set.Source.describe(s.key), err)
+	}
+	return ln, unixPath, nil
 }
 
 // bindGreylistd binds greylistd_listen, or takes the socket passed for
@@ -386,20 +402,6 @@ func (d *daemon) applyToFrontEnds(set *Settings) {
 // listMaxConnections caps the greylistd socket's open connections: each is
 // one Exim process waiting for one answer.
 const listMaxConnections = 1024
-
-// listenPolicy binds policy_listen: a TCP address, or a unix socket made
-// by owner with policy_socket_mode and policy_socket_group.
-func (d *daemon) listenPolicy(set *Settings, owner *fileOwner) (net.Listener, string, error) {
-	gid, err := socketGroup(set, "policy_socket_group", set.PolicyGroup)
-	if err != nil {
-		return nil, "", err
-	}
-	ln, path, err := listenStream(set.PolicyListen, set.PolicyMode, owner, gid, "policy requests")
-	if err != nil {
-		return nil, "", fmt.Errorf("%s: %w", set.Source.describe("policy_listen"), err)
-	}
-	return ln, path, nil
-}
 
 // listenGreylistd binds greylistd_listen, a unix socket made by owner
 // with greylistd_socket_mode and greylistd_socket_group.

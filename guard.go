@@ -47,13 +47,13 @@ func (l *guardedListener) Accept() (net.Conn, error) {
 }
 
 // allowed reports whether the allow list admits addr.
-func (l *guardedListener) allowed(addr net.Addr) bool {
-	allow := l.allow.Load()
-	if allow == nil {
-		return true
-	}
+func (l *guardedListener) allowed(addr net.Addr) bool { return peerAllowed(l.allow.Load(), addr) }
+
+// peerAllowed reports whether the allow list allow (nil: everyone) admits
+// a stream peer at addr; a unix socket's peers are always admitted.
+func peerAllowed(allow *IPRanges, addr net.Addr) bool {
 	a, ok := addr.(*net.TCPAddr)
-	if !ok {
+	if allow == nil || !ok {
 		return true
 	}
 	ip, _ := netip.AddrFromSlice(a.IP)

@@ -2,11 +2,12 @@ package main
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -59,13 +60,14 @@ type milterReplies struct {
 
 // A milterServer answers milter conversations on one listener.
 type milterServer struct {
-	g        *Greylister
-	ln       net.Listener
-	unixPath string // the socket file, removed at close; "" for TCP
-	dlog     *decisionLog
-	log      *logger
-	conns    *connSet
-	idle     atomic.Int64 // milter_idle_timeout, in nanoseconds
+	g          *Greylister
+	ln         net.Listener
+	unixPath   string // the socket file, removed at close; "" for TCP
+	dlog       *decisionLog
+	log        *logger
+	conns      *connSet
+	idle       atomic.Int64    // milter_idle_timeout, in nanoseconds
+	libOptions []milter.Option // the library's options but the conversation's own
 
 	allow   atomic.Pointer[IPRanges] // TCP peers answered; nil: all
 	replies atomic.Pointer[milterReplies]
@@ -90,6 +92,11 @@ func newMilterServer(ln net.Listener, unixPath string, log *logger, max int) *mi
 	m.conns.readGrace = stopGrace
 	m.replies.Store(&milterReplies{})
 	m.idle.Store(int64(time.Hour))
+	m.libOptions = []milter.Option{
+		milter.WithNegotiationCallback(m.negotiate),
+		milter.WithMacroRequest(milter.StageMail, []milter.MacroName{macroAuthAuthen}),
+		milter.WithWriteTimeout(milterWriteTimeout),
+	}
 	return m
 }
 
@@ -123,24 +130,15 @@ func (m *milterServer) stripe() *milterCounts {
 // connection, so that the conversation's state knows its connection.
 func (m *milterServer) accept(c net.Conn) {
 	counts := m.stripe()
-	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		if allow := m.allow.Load(); allow != nil {
-			addr, _ := netip.AddrFromSlice(a.IP)
-			if !allow.Contains(addr.Unmap()) {
-				counts.refused.Add(1)
-				return
-			}
-		}
+	if !peerAllowed(m.allow.Load(), c.RemoteAddr()) {
+		counts.refused.Add(1)
+		return
 	}
 	mc := &milterConn{Conn: c, server: m, counts: counts, closed: make(chan struct{})}
-	lib := milter.NewServer(
-		milter.WithDynamicMilter(func(_ uint32, actions milter.OptAction, protocol milter.OptProtocol, _ milter.DataSize) milter.Milter {
-			return m.newSession(mc, actions, protocol)
-		}),
-		milter.WithNegotiationCallback(m.negotiate),
-		milter.WithMacroRequest(milter.StageMail, []milter.MacroName{macroAuthAuthen}),
-		milter.WithWriteTimeout(milterWriteTimeout),
-	)
+	session := milter.WithDynamicMilter(func(_ uint32, actions milter.OptAction, protocol milter.OptProtocol, _ milter.DataSize) milter.Milter {
+		return m.newSession(mc, actions, protocol)
+	})
+	lib := milter.NewServer(append(m.libOptions[:len(m.libOptions):len(m.libOptions)], session)...)
 	lib.Serve(&oneConnListener{conn: mc}) // returns once the conversation is over
 }
 
@@ -154,13 +152,7 @@ func (m *milterServer) UpdateStats(st *FrontEndStats) {
 	st.Decides, st.PassesUnchecked = true, true
 	for i := range m.stripes {
 		c := &m.stripes[i]
-		st.Requests += c.requests.Load()
-		st.Malformed += c.malformed.Load()
-		st.Refused += c.refused.Load()
-		st.Replies += c.replies.Load()
-		for v := range c.verdicts {
-			st.Verdicts[v] += c.verdicts[v].Load()
-		}
+		c.addTo(st)
 		st.Unchecked[uncheckedAuthenticated] += c.authenticated.Load()
 		st.Unchecked[uncheckedNoAddress] += c.unaddressed.Load()
 	}
@@ -265,19 +257,16 @@ func (c *milterConn) Read(p []byte) (int, error) {
 // readPacket reads and checks the next packet.
 func (c *milterConn) readPacket() error {
 	c.extendIdle()
-	if cap(c.buf) < 4 {
-		c.buf = make([]byte, 4, 512)
-	}
-	c.buf = c.buf[:4]
+	c.buf = slices.Grow(c.buf[:0], 512)[:4]
 	if _, err := io.ReadFull(c.Conn, c.buf); err != nil {
 		return err
 	}
-	n := uint32(c.buf[0])<<24 | uint32(c.buf[1])<<16 | uint32(c.buf[2])<<8 | uint32(c.buf[3])
+	n := binary.BigEndian.Uint32(c.buf)
 	if n == 0 || n > milterMaxPacket {
 		c.bad(fmt.Sprintf("packet of %d bytes", n))
 		return errBadPacket
 	}
-	c.buf = append(c.buf, make([]byte, n)...)[:4+n]
+	c.buf = slices.Grow(c.buf, int(n))[:4+n]
 	if _, err := io.ReadFull(c.Conn, c.buf[4:]); err != nil {
 		return err
 	}

@@ -1,11 +1,8 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"net"
-	"net/smtp"
-	"net/textproto"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,31 +25,11 @@ import (
 // ("250", or the code and text; "" when no recipient was accepted).
 func smtpMessage(t *testing.T, port int, sender string, rcpts ...string) (rcptReplies []string, data string) {
 	t.Helper()
-	c, err := smtp.Dial(fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := smtpMail(t, port, sender)
 	defer c.Close()
-	if err := c.Hello("client.example"); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Mail(sender); err != nil {
-		t.Fatal(err)
-	}
-	reply := func(err error) string {
-		var te *textproto.Error
-		switch {
-		case err == nil:
-			return "250"
-		case errors.As(err, &te):
-			return fmt.Sprintf("%d %s", te.Code, te.Msg)
-		}
-		t.Fatal(err)
-		return ""
-	}
 	accepted := 0
 	for _, r := range rcpts {
-		got := reply(c.Rcpt(r))
+		got := smtpReply(t, c.Rcpt(r))
 		rcptReplies = append(rcptReplies, got)
 		if got == "250" {
 			accepted++
@@ -64,10 +41,10 @@ func smtpMessage(t *testing.T, port int, sender string, rcpts ...string) (rcptRe
 	}
 	w, err := c.Data()
 	if err != nil {
-		return rcptReplies, reply(err)
+		return rcptReplies, smtpReply(t, err)
 	}
 	fmt.Fprintf(w, "From: %s\r\nTo: %s\r\nSubject: greylisting test\r\n\r\nHello.\r\n", sender, rcpts[0])
-	data = reply(w.Close())
+	data = smtpReply(t, w.Close())
 	c.Quit()
 	return rcptReplies, data
 }

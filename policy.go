@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -214,14 +213,9 @@ func (p *policyServer) Serve() error {
 func (p *policyServer) accept(c net.Conn) {
 	id := p.nextID.Add(1)
 	counts := &p.stripes[id%uint64(len(p.stripes))]
-	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		if allow := p.allow.Load(); allow != nil {
-			addr, _ := netip.AddrFromSlice(a.IP)
-			if !allow.Contains(addr.Unmap()) {
-				counts.refused.Add(1)
-				return
-			}
-		}
+	if !peerAllowed(p.allow.Load(), c.RemoteAddr()) {
+		counts.refused.Add(1)
+		return
 	}
 	p.serveConn(c, counts, int(id))
 }
@@ -234,14 +228,18 @@ func (p *policyServer) Close() error { return p.conns.close(p.ln) }
 func (p *policyServer) UpdateStats(st *FrontEndStats) {
 	st.Decides = true
 	for i := range p.stripes {
-		c := &p.stripes[i]
-		st.Requests += c.requests.Load()
-		st.Malformed += c.malformed.Load()
-		st.Refused += c.refused.Load()
-		st.Replies += c.replies.Load()
-		for v := range c.verdicts {
-			st.Verdicts[v] += c.verdicts[v].Load()
-		}
+		p.stripes[i].addTo(st)
+	}
+}
+
+// addTo adds the stripe's counts to st.
+func (c *policyCounts) addTo(st *FrontEndStats) {
+	st.Requests += c.requests.Load()
+	st.Malformed += c.malformed.Load()
+	st.Refused += c.refused.Load()
+	st.Replies += c.replies.Load()
+	for v := range c.verdicts {
+		st.Verdicts[v] += c.verdicts[v].Load()
 	}
 }
 

@@ -138,32 +138,47 @@ maillog_file_prefixes = %[1]s
 // per recipient, and returns each RCPT's reply code and text.
 func smtpRcpts(t *testing.T, port int, sender string, rcpts ...string) []string {
 	t.Helper()
+	c := smtpMail(t, port, sender)
+	defer c.Close()
+	var replies []string
+	for _, r := range rcpts {
+		replies = append(replies, smtpReply(t, c.Rcpt(r)))
+	}
+	c.Quit()
+	return replies
+}
+
+// smtpMail opens an SMTP session to port and sends HELO and MAIL FROM.
+func smtpMail(t *testing.T, port int, sender string) *smtp.Client {
+	t.Helper()
 	c, err := smtp.Dial(fmt.Sprintf("127.0.0.1:%d", port))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
 	if err := c.Hello("client.example"); err != nil {
+		c.Close()
 		t.Fatal(err)
 	}
 	if err := c.Mail(sender); err != nil {
+		c.Close()
 		t.Fatal(err)
 	}
-	var replies []string
-	for _, r := range rcpts {
-		err := c.Rcpt(r)
-		var te *textproto.Error
-		switch {
-		case err == nil:
-			replies = append(replies, "250")
-		case errors.As(err, &te):
-			replies = append(replies, fmt.Sprintf("%d %s", te.Code, te.Msg))
-		default:
-			t.Fatal(err)
-		}
+	return c
+}
+
+// smtpReply returns "250" for a command that succeeded, or the SMTP
+// code and text of err; another error ends the test.
+func smtpReply(t *testing.T, err error) string {
+	t.Helper()
+	var te *textproto.Error
+	switch {
+	case err == nil:
+		return "250"
+	case errors.As(err, &te):
+		return fmt.Sprintf("%d %s", te.Code, te.Msg)
 	}
-	c.Quit()
-	return replies
+	t.Fatal(err)
+	return ""
 }
 
 // TestRealPostfix greylists through Postfix's smtpd over TCP and over a

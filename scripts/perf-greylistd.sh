@@ -43,13 +43,7 @@ npid=$!
 sleep 0.3
 # load SOCKET PID: drives the server at SOCKET and appends its CPU µs per
 # request.
-load() {
-  local c0 out c1
-  c0=$(cpu "$2")
-  out=$("${load[@]}" "$tmp/greyload" greylistd -socket "$1" -clients "$clients" -duration "${secs}s")
-  c1=$(cpu "$2")
-  echo "$out" | per_request $((c1 - c0)) 4
-}
+load() { measure "$2" 4 greylistd -socket "$1" -clients "$clients" -duration "${secs}s"; }
 : >"$tmp/g"; : >"$tmp/n"; : >"$tmp/r"
 for run in 1 2 3; do
   rm -f "$tmp/state"*

@@ -19,6 +19,17 @@ hz=$(getconf CLK_TCK)
 # per_request TICKS FIELD: appends to each input line the CPU µs per request,
 # TICKS clock ticks over the number of requests in the line's field FIELD.
 per_request() { awk -v t="$1" -v f="$2" -v hz="$hz" '{printf "%s  cpu/req %.2fus\n", $0, t * 1e6 / hz / $f}'; }
+# measure PID FIELD ARGS...: runs `greyload ARGS...` (from $tmp) as the load
+# and prints its output with the CPU µs per request that the server PID
+# spent, the requests counted in the output's field FIELD.
+measure() {
+  local pid=$1 field=$2 c0 out c1
+  shift 2
+  c0=$(cpu "$pid")
+  out=$("${load[@]}" "$tmp/greyload" "$@")
+  c1=$(cpu "$pid")
+  echo "$out" | per_request $((c1 - c0)) "$field"
+}
 # rate: the requests/s field of the load tool's line.
 rate() { awk '{print $2}'; }
 # median: the median of numbers, one to a line.

@@ -36,13 +36,7 @@ lpid=$!
 sleep 0.3
 # load ADDR PID: drives the milter at ADDR and appends its CPU µs per
 # conversation.
-load() {
-  local c0 out c1
-  c0=$(cpu "$2")
-  out=$("${load[@]}" "$tmp/greyload" milter -addr "$1" -clients "$clients" -duration "${secs}s")
-  c1=$(cpu "$2")
-  echo "$out" | per_request $((c1 - c0)) 4
-}
+load() { measure "$2" 4 milter -addr "$1" -clients "$clients" -duration "${secs}s"; }
 : >"$tmp/g"; : >"$tmp/n"; : >"$tmp/l"
 for run in 1 2 3; do
   rm -f "$tmp/state"*

@@ -31,13 +31,7 @@ CONF
 npid=$!
 sleep 0.3
 # load ADDR PID: drives the server at ADDR and appends its CPU µs per request.
-load() {
-  local c0 out c1
-  c0=$(cpu "$2")
-  out=$("${load[@]}" "$tmp/greyload" policy -addr "$1" -conns 16 -duration "${secs}s")
-  c1=$(cpu "$2")
-  echo "$out" | per_request $((c1 - c0)) 4
-}
+load() { measure "$2" 4 policy -addr "$1" -conns 16 -duration "${secs}s"; }
 : >"$tmp/g"; : >"$tmp/n"; : >"$tmp/p"
 for run in 1 2 3; do
   rm -f "$tmp/state"*

@@ -23,16 +23,6 @@ go build -o "$tmp/greyload" ./cmd/greyload
 
 source scripts/perf-lib.sh
 pin
-# measure PID ARGS...: runs the generator with ARGS and appends to its output
-# the server's CPU µs per answered request.
-measure() {
-  local pid=$1; shift
-  local c0 out c1
-  c0=$(cpu "$pid")
-  out=$("${load[@]}" "$tmp/greyload" run "$@")
-  c1=$(cpu "$pid")
-  echo "$out" | per_request $((c1 - c0)) 6
-}
 
 "${server[@]}" "$tmp/greyload" null -listen 127.0.0.1:29991 2>/dev/null &
 npid=$!
@@ -47,7 +37,7 @@ grey() {
   "${server[@]}" "$tmp/greydaemon" -m 0.02 127.0.0.1:29990 "$tmp/state" >/dev/null 2>"$tmp/err" &
   local pid=$!
   sleep 0.3
-  measure $pid -addr 127.0.0.1:29990 -duration "${secs}s" -warmup 2s "$@"
+  measure $pid 6 run -addr 127.0.0.1:29990 -duration "${secs}s" -warmup 2s "$@"
   kill $pid; wait $pid 2>/dev/null || true
 }
 
@@ -57,7 +47,7 @@ perl_daemon() {
   "${server[@]}" perl "$GREYDAEMON_PERL" -m 0.02 127.0.0.1:29993 "$tmp/perlsave" >/dev/null 2>&1 &
   local pid=$!
   sleep 0.5
-  measure $pid -addr 127.0.0.1:29993 -duration "${secs}s" -warmup 2s
+  measure $pid 6 run -addr 127.0.0.1:29993 -duration "${secs}s" -warmup 2s
   kill $pid; wait $pid 2>/dev/null || true
   rm -f "$tmp/perlsave"*
 }
@@ -68,8 +58,8 @@ for run in 1 2 3; do
     perl_daemon | tee -a "$tmp/p.log" | rate >>"$tmp/p"
   fi
   grey | tee -a "$tmp/g.log" | rate >>"$tmp/g"
-  measure $npid -addr 127.0.0.1:29991 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
-  measure $bpid -addr 127.0.0.1:29992 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/b.log" | rate >>"$tmp/b"
+  measure $npid 6 run -addr 127.0.0.1:29991 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/n.log" | rate >>"$tmp/n"
+  measure $bpid 6 run -addr 127.0.0.1:29992 -duration "${secs}s" -mix 100,0,0 | tee -a "$tmp/b.log" | rate >>"$tmp/b"
 done
 g=$(median <"$tmp/g"); n=$(median <"$tmp/n"); b=$(median <"$tmp/b")
 echo "--- throughput, medians of 3 (4 sockets x 4 in flight; mix 50% new, 30% retries, 20% known IPs)"
