@@ -38,38 +38,17 @@ func runGreylistd(args []string) error {
 	fs.Parse(args)
 	runID := strconv.FormatInt(time.Now().UnixNano()%1_000_000, 10)
 	var busy atomic.Uint64
-	var wg sync.WaitGroup
-	results := make([][]time.Duration, *clients)
-	errs := make([]error, *clients)
-	start := time.Now()
-	deadline := start.Add(*duration)
-	for c := range *clients {
-		wg.Go(func() {
-			buf := make([]byte, 256)
-			lat := make([]time.Duration, 0, 1<<16)
-			for i := 0; time.Now().Before(deadline); i++ {
-				k := i
-				if i%100 >= *pNew {
-					k = i % 64
-				}
-				req := "--grey 10." + strconv.Itoa(c) + "." + strconv.Itoa(k%200) + ".0/24 load@sender.example r" +
+	return runLoops(*clients, *duration, *pNew, func(c int) (loop, error) {
+		buf := make([]byte, 256)
+		var req string
+		return loop{
+			build: func(k int) {
+				req = "--grey 10." + strconv.Itoa(c) + "." + strconv.Itoa(k%200) + ".0/24 load@sender.example r" +
 					strconv.Itoa(k) + "-" + runID + "@rcpt.example"
-				t0 := time.Now()
-				if err := askOnce(*socket, req, buf, &busy); err != nil {
-					errs[c] = err
-					return
-				}
-				lat = append(lat, time.Since(t0))
-			}
-			results[c] = lat
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	return printLatencies(results, elapsed, fmt.Sprintf("  busy %d", busy.Load()))
+			},
+			ask: func() error { return askOnce(*socket, req, buf, &busy) },
+		}, nil
+	}, func() string { return fmt.Sprintf("  busy %d", busy.Load()) })
 }
 
 // askOnce sends one request on a new connection, as Exim's readsocket

@@ -1,14 +1,12 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"net"
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/d--j/go-milter"
@@ -46,37 +44,16 @@ func runMilter(args []string) error {
 	}
 	client := milter.NewClient(network, address, milter.WithActions(milter.OptAddHeader))
 	runID := strconv.FormatInt(time.Now().UnixNano()%1_000_000, 10)
-	var wg sync.WaitGroup
-	results := make([][]time.Duration, *clients)
-	errs := make([]error, *clients)
-	start := time.Now()
-	deadline := start.Add(*duration)
-	for c := range *clients {
-		wg.Go(func() {
-			lat := make([]time.Duration, 0, 1<<16)
-			for i := 0; time.Now().Before(deadline); i++ {
-				k := i
-				if i%100 >= *pNew {
-					k = i % 64
-				}
-				ip := "10." + strconv.Itoa(c) + "." + strconv.Itoa(k%200) + ".1"
-				rcpt := "r" + strconv.Itoa(k) + "-" + runID + "@rcpt.example"
-				t0 := time.Now()
-				if err := converse(client, ip, rcpt); err != nil {
-					errs[c] = err
-					return
-				}
-				lat = append(lat, time.Since(t0))
-			}
-			results[c] = lat
-		})
-	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	return printLatencies(results, elapsed, "")
+	return runLoops(*clients, *duration, *pNew, func(c int) (loop, error) {
+		var ip, rcpt string
+		return loop{
+			build: func(k int) {
+				ip = "10." + strconv.Itoa(c) + "." + strconv.Itoa(k%200) + ".1"
+				rcpt = "r" + strconv.Itoa(k) + "-" + runID + "@rcpt.example"
+			},
+			ask: func() error { return converse(client, ip, rcpt) },
+		}, nil
+	}, func() string { return "" })
 }
 
 // converse holds one conversation with one recipient from ip.

@@ -55,43 +55,79 @@ func runPolicy(args []string) error {
 	duration := fs.Duration("duration", 10*time.Second, "how long to send")
 	pNew := fs.Int("new", 50, "percent of requests that are new triplets")
 	fs.Parse(args)
-	runID := time.Now().UnixNano() % 1_000_000
-	var wg sync.WaitGroup
-	results := make([][]time.Duration, *conns)
-	errs := make([]error, *conns)
-	start := time.Now()
-	deadline := start.Add(*duration)
-	for c := range *conns {
+	runID := strconv.FormatInt(time.Now().UnixNano()%1_000_000, 10)
+	return runLoops(*conns, *duration, *pNew, func(c int) (loop, error) {
 		conn, err := dialSpec(*addr)
 		if err != nil {
-			return err
+			return loop{}, err
 		}
-		wg.Go(func() {
-			defer conn.Close()
-			r := bufio.NewReader(conn)
-			var d []byte
-			lat := make([]time.Duration, 0, 1<<16)
-			for i := 0; time.Now().Before(deadline); i++ {
-				k := i
-				if i%100 >= *pNew {
-					k = i % 64 // a retry of one of this connection's first triplets
-				}
+		r := bufio.NewReader(conn)
+		var d []byte
+		return loop{
+			build: func(k int) {
 				d = policyRequest(d, fmt.Sprintf("10.%d.%d.1", c, k%200), "load@sender.example",
-					"r"+strconv.Itoa(k)+"-"+strconv.FormatInt(runID, 10)+"@rcpt.example")
-				t0 := time.Now()
+					"r"+strconv.Itoa(k)+"-"+runID+"@rcpt.example")
+			},
+			ask: func() error {
 				if _, err := conn.Write(d); err != nil {
-					errs[c] = err
-					return
+					return err
 				}
 				for {
 					line, err := r.ReadSlice('\n')
 					if err != nil {
-						errs[c] = err
-						return
+						return err
 					}
 					if len(line) == 1 {
-						break
+						return nil
 					}
+				}
+			},
+			done: func() { conn.Close() },
+		}, nil
+	}, func() string { return "" })
+}
+
+// A loop is one load loop's requests: build makes the request for key k,
+// ask sends it and waits for its answer (the part that is timed), and
+// done, if set, releases what the loop holds.
+type loop struct {
+	build func(k int)
+	ask   func() error
+	done  func()
+}
+
+// runLoops runs one goroutine per loop that newLoop makes, for duration,
+// each asking one request at a time. pctNew percent of the requests have
+// a new key (the request's number); the others repeat one of the loop's
+// first 64. It prints the rate and the latency percentiles, then what
+// extra returns; a loop's error ends that loop and the run returns it.
+func runLoops(loops int, duration time.Duration, pctNew int, newLoop func(c int) (loop, error), extra func() string) error {
+	var wg sync.WaitGroup
+	results := make([][]time.Duration, loops)
+	errs := make([]error, loops)
+	start := time.Now()
+	deadline := start.Add(duration)
+	for c := range loops {
+		l, err := newLoop(c)
+		if err != nil {
+			wg.Wait()
+			return err
+		}
+		wg.Go(func() {
+			if l.done != nil {
+				defer l.done()
+			}
+			lat := make([]time.Duration, 0, 1<<16)
+			for i := 0; time.Now().Before(deadline); i++ {
+				k := i
+				if i%100 >= pctNew {
+					k = i % 64
+				}
+				l.build(k)
+				t0 := time.Now()
+				if err := l.ask(); err != nil {
+					errs[c] = err
+					return
 				}
 				lat = append(lat, time.Since(t0))
 			}
@@ -99,10 +135,11 @@ func runPolicy(args []string) error {
 		})
 	}
 	wg.Wait()
+	elapsed := time.Since(start)
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	return printLatencies(results, time.Since(start), "")
+	return printLatencies(results, elapsed, extra())
 }
 
 // printLatencies prints the rate and the latency percentiles of the
